@@ -1,0 +1,100 @@
+// Package postgres holds dealbridge's Postgres adapters: the event log and
+// the store that runs each command as one unit of work — state change,
+// events, projections and outbox messages in ONE pgx transaction.
+package postgres
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+
+	"github.com/dealbridge/dealbridge/domain"
+)
+
+// AppendTx appends change's events to the log through tx, numbering them
+// from change.ExpectedVersion+1. If another writer appended to the stream
+// first, the unique (stream_id, stream_version) constraint fails and AppendTx
+// returns a *domain.ConflictError (errors.Is domain.ErrVersionConflict); the
+// caller must roll back. recorded_at is the transaction's now(), so all
+// events of one unit of work share one timestamp.
+func AppendTx(ctx context.Context, tx pgx.Tx, change domain.Change, meta domain.Metadata) ([]domain.RecordedEvent, error) {
+	mb, err := json.Marshal(meta)
+	if err != nil {
+		return nil, fmt.Errorf("cannot encode event metadata: %w", err)
+	}
+	out := make([]domain.RecordedEvent, 0, len(change.Events))
+	for i, e := range change.Events {
+		pb, err := json.Marshal(e)
+		if err != nil {
+			return nil, fmt.Errorf("cannot encode %s: %w", e.EventType(), err)
+		}
+		v := change.ExpectedVersion + i + 1
+		var pos int64
+		var at time.Time
+		err = tx.QueryRow(ctx, `INSERT INTO events (stream_id, stream_version, type, schema_version, payload, metadata)
+			VALUES ($1,$2,$3,$4,$5,$6) RETURNING position, recorded_at`,
+			change.StreamID, v, e.EventType(), domain.SchemaVersion, pb, mb).Scan(&pos, &at)
+		if err != nil {
+			var pgErr *pgconn.PgError
+			if errors.As(err, &pgErr) && pgErr.Code == "23505" {
+				return nil, &domain.ConflictError{Stream: change.StreamID, Expected: change.ExpectedVersion, Actual: -1}
+			}
+			return nil, fmt.Errorf("cannot append %s to %s: %w", e.EventType(), change.StreamID, err)
+		}
+		out = append(out, domain.RecordedEvent{
+			Position: pos, StreamID: change.StreamID, StreamVersion: v, SchemaVersion: domain.SchemaVersion,
+			Event: e, Metadata: meta, RecordedAt: at,
+		})
+	}
+	return out, nil
+}
+
+// Querier is what reading functions need: a pool, a conn or a tx.
+type Querier interface {
+	Query(ctx context.Context, sql string, args ...any) (pgx.Rows, error)
+	QueryRow(ctx context.Context, sql string, args ...any) pgx.Row
+}
+
+// LoadStream returns a stream's events in order.
+func LoadStream(ctx context.Context, q Querier, streamID string) ([]domain.RecordedEvent, error) {
+	rows, err := q.Query(ctx, `SELECT position, stream_id, stream_version, type, schema_version, payload, metadata, recorded_at
+		FROM events WHERE stream_id=$1 ORDER BY stream_version`, streamID)
+	if err != nil {
+		return nil, fmt.Errorf("cannot load stream %s: %w", streamID, err)
+	}
+	return scanEvents(rows)
+}
+
+func scanEvents(rows pgx.Rows) ([]domain.RecordedEvent, error) {
+	defer rows.Close()
+	var out []domain.RecordedEvent
+	for rows.Next() {
+		var (
+			r         domain.RecordedEvent
+			typ       string
+			payload   []byte
+			metaBytes []byte
+		)
+		if err := rows.Scan(&r.Position, &r.StreamID, &r.StreamVersion, &typ, &r.SchemaVersion, &payload, &metaBytes, &r.RecordedAt); err != nil {
+			return nil, fmt.Errorf("cannot read event: %w", err)
+		}
+		e, err := domain.DecodeEvent(typ, r.SchemaVersion, payload)
+		if err != nil {
+			return nil, fmt.Errorf("event %d: %w", r.Position, err)
+		}
+		r.Event = e
+		if err := json.Unmarshal(metaBytes, &r.Metadata); err != nil {
+			return nil, fmt.Errorf("event %d metadata: %w", r.Position, err)
+		}
+		out = append(out, r)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("cannot read events: %w", err)
+	}
+	return out, nil
+}

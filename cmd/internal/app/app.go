@@ -1,0 +1,154 @@
+// Package app wires dealbridge's processes from its packages. Every process
+// is a function that runs until its context is cancelled and then shuts
+// down gracefully; `dev` runs several of them in one process.
+package app
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"time"
+
+	"github.com/ThreeDotsLabs/watermill"
+	"github.com/ThreeDotsLabs/watermill/message"
+	"github.com/ThreeDotsLabs/watermill/message/router/middleware"
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/dealbridge/dealbridge/adapters/erp"
+	"github.com/dealbridge/dealbridge/adapters/erp/erpsim"
+	"github.com/dealbridge/dealbridge/adapters/httpapi"
+	"github.com/dealbridge/dealbridge/adapters/postgres"
+	"github.com/dealbridge/dealbridge/adapters/queue"
+	"github.com/dealbridge/dealbridge/adapters/saga"
+	"github.com/dealbridge/dealbridge/outbox"
+)
+
+// NewPool connects to databaseURL with application_name set to name, so
+// that pg_stat_activity tells the processes apart.
+func NewPool(ctx context.Context, databaseURL, name string, maxConns int32) (*pgxpool.Pool, error) {
+	cfg, err := pgxpool.ParseConfig(databaseURL)
+	if err != nil {
+		return nil, fmt.Errorf("invalid database URL: %w", err)
+	}
+	cfg.ConnConfig.RuntimeParams["application_name"] = name
+	if maxConns > 0 {
+		cfg.MaxConns = maxConns
+	}
+	pool, err := pgxpool.NewWithConfig(ctx, cfg)
+	if err != nil {
+		return nil, fmt.Errorf("cannot connect to the database: %w", err)
+	}
+	pctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	if err := pool.Ping(pctx); err != nil {
+		pool.Close()
+		return nil, fmt.Errorf("cannot reach the database at %s: %w", redact(cfg), err)
+	}
+	return pool, nil
+}
+
+func redact(cfg *pgxpool.Config) string {
+	return fmt.Sprintf("%s:%d/%s", cfg.ConnConfig.Host, cfg.ConnConfig.Port, cfg.ConnConfig.Database)
+}
+
+// Serve runs an HTTP server on ln until ctx is done, then shuts it down,
+// letting requests in flight finish for up to 10s.
+func Serve(ctx context.Context, ln net.Listener, h http.Handler, logger *slog.Logger) error {
+	srv := &http.Server{
+		Handler:           h,
+		ReadHeaderTimeout: 5 * time.Second,
+		ReadTimeout:       30 * time.Second,
+		IdleTimeout:       2 * time.Minute,
+		ErrorLog:          slog.NewLogLogger(logger.Handler(), slog.LevelWarn),
+	}
+	errc := make(chan error, 1)
+	go func() { errc <- srv.Serve(ln) }()
+	select {
+	case err := <-errc:
+		return fmt.Errorf("http server on %s: %w", ln.Addr(), err)
+	case <-ctx.Done():
+	}
+	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+	defer cancel()
+	if err := srv.Shutdown(sctx); err != nil {
+		return fmt.Errorf("http server shutdown: %w", err)
+	}
+	if err := <-errc; err != nil && !errors.Is(err, http.ErrServerClosed) {
+		return err
+	}
+	return nil
+}
+
+// APIHandler returns the CRM-facing API over pool.
+func APIHandler(pool *pgxpool.Pool, logger *slog.Logger) http.Handler {
+	return httpapi.New(postgres.NewStore(pool), logger).Handler()
+}
+
+// RelayConfig configures RunRelay.
+type RelayConfig struct {
+	PollInterval time.Duration
+	BatchSize    int
+}
+
+// RunRelay relays the outbox to the work queue until ctx is done.
+func RunRelay(ctx context.Context, pool *pgxpool.Pool, cfg RelayConfig, logger *slog.Logger) error {
+	pub, err := queue.NewPublisher(pool, queue.PublisherConfig{}, logger)
+	if err != nil {
+		return err
+	}
+	r, err := outbox.NewRelay(pool, pub, outbox.RelayConfig{PollInterval: cfg.PollInterval, BatchSize: cfg.BatchSize}, logger)
+	if err != nil {
+		return err
+	}
+	return r.Run(ctx)
+}
+
+// HandlerConfig configures RunHandler.
+type HandlerConfig struct {
+	ERPURL       string
+	ERPTimeout   time.Duration
+	Consumers    int
+	PollInterval time.Duration
+	Lease        time.Duration
+	NackDelay    time.Duration
+}
+
+// RunHandler runs the invoice saga handlers until ctx is done.
+func RunHandler(ctx context.Context, pool *pgxpool.Pool, cfg HandlerConfig, logger *slog.Logger) error {
+	if cfg.ERPURL == "" {
+		return errors.New("no ERP URL: set --erp-url or DEALBRIDGE_ERP_URL")
+	}
+	port := erp.NewBreaker(erp.NewHTTPClient(erp.HTTPConfig{BaseURL: cfg.ERPURL, Timeout: cfg.ERPTimeout, Logger: logger}),
+		erp.BreakerConfig{Logger: logger})
+	return RunHandlerWithPort(ctx, pool, port, cfg, logger)
+}
+
+// RunHandlerWithPort runs the invoice saga handlers against port.
+func RunHandlerWithPort(ctx context.Context, pool *pgxpool.Pool, port erp.Port, cfg HandlerConfig, logger *slog.Logger) error {
+	wlog := watermill.NewSlogLogger(logger)
+	sub, err := queue.NewSubscriber(pool, queue.SubscriberConfig{
+		Consumers: cfg.Consumers, PollInterval: cfg.PollInterval, Lease: cfg.Lease, NackDelay: cfg.NackDelay,
+	}, logger)
+	if err != nil {
+		return err
+	}
+	router, err := message.NewRouter(message.RouterConfig{CloseTimeout: 15 * time.Second}, wlog)
+	if err != nil {
+		return fmt.Errorf("cannot create router: %w", err)
+	}
+	router.AddMiddleware(middleware.Recoverer)
+	h := saga.NewInvoiceHandler(postgres.NewStore(pool), port, logger)
+	router.AddConsumerHandler(saga.HandlerName, outbox.InvoiceTopic, sub, h.Handle)
+	if err := router.Run(ctx); err != nil {
+		return fmt.Errorf("handler router: %w", err)
+	}
+	return nil
+}
+
+// ERPSim returns a simulated ERP.
+func ERPSim(cfg erpsim.Config) (*erpsim.Server, error) {
+	return erpsim.New(cfg)
+}

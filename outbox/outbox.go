@@ -1,0 +1,62 @@
+// Package outbox is dealbridge's transactional outbox: messages written in
+// the same Postgres transaction as the state change they announce, and a
+// relay that moves them to the handler transport.
+//
+// The outbox table is watermill-sql's DefaultPostgreSQLSchema table for the
+// topic Topic; each row is a watermill forwarder envelope naming its
+// destination topic. Messages are visible to the relay only once their
+// transaction has committed AND every older transaction has finished (xid8 +
+// snapshot xmin), so a late commit is never skipped (invariant I2).
+package outbox
+
+import (
+	"context"
+	"fmt"
+
+	"github.com/ThreeDotsLabs/watermill"
+	wsql "github.com/ThreeDotsLabs/watermill-sql/v4/pkg/sql"
+	"github.com/ThreeDotsLabs/watermill/components/forwarder"
+	"github.com/ThreeDotsLabs/watermill/message"
+	"github.com/jackc/pgx/v5"
+)
+
+// Topic is the outbox's watermill topic; migrations create its tables
+// (watermill_outbox, watermill_offsets_outbox).
+const Topic = "outbox"
+
+// PublishTx writes msgs, addressed to destTopic, into the outbox through tx.
+// They are relayed if and only if tx commits; if tx is rolled back they are
+// gone with it. The caller commits or rolls back tx, and must check the
+// error of Commit.
+func PublishTx(ctx context.Context, tx pgx.Tx, destTopic string, msgs ...*message.Message) error {
+	// A watermill-sql publisher is bound to one transaction handle, so it is
+	// built per transaction; it is a small struct and costs nothing.
+	pub, err := wsql.NewPublisher(wsql.TxFromPgx(tx), wsql.PublisherConfig{
+		SchemaAdapter: wsql.DefaultPostgreSQLSchema{},
+	}, watermill.NopLogger{})
+	if err != nil {
+		return fmt.Errorf("cannot create outbox publisher: %w", err)
+	}
+	fwd := forwarder.NewPublisher(pub, forwarder.PublisherConfig{ForwarderTopic: Topic})
+	for _, m := range msgs {
+		m.SetContext(ctx)
+	}
+	if err := fwd.Publish(destTopic, msgs...); err != nil {
+		return fmt.Errorf("cannot write %d message(s) for %s to the outbox: %w", len(msgs), destTopic, err)
+	}
+	return nil
+}
+
+// InvoiceTopic is the destination topic of invoice requests: the invoice
+// saga's work queue.
+const InvoiceTopic = "invoice-requests"
+
+// Message metadata keys and values written by producers of outbox messages.
+const (
+	MetadataType           = "type"
+	MetadataSchemaVersion  = "schema_version"
+	MetadataIdempotencyKey = "idempotency_key"
+	MetadataCorrelationID  = "correlation_id"
+
+	TypeInvoiceRequest = "InvoiceRequest"
+)

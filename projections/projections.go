@@ -1,0 +1,90 @@
+// Package projections keeps dealbridge's read models (deals, inventory,
+// invoice sagas) as pure functions of the event log.
+//
+// Apply runs in the same transaction as the append of the events it
+// applies, so a read model is never ahead of or behind the log. Every value
+// it writes comes from the events themselves (timestamps included), so
+// replaying the log into empty tables reproduces the live tables exactly.
+package projections
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+
+	"github.com/jackc/pgx/v5/pgconn"
+
+	"github.com/dealbridge/dealbridge/domain"
+)
+
+// Execer is the part of pgx.Tx that projections need.
+type Execer interface {
+	Exec(ctx context.Context, sql string, args ...any) (pgconn.CommandTag, error)
+}
+
+// Apply folds recorded events into the read models through tx.
+func Apply(ctx context.Context, tx Execer, recs ...domain.RecordedEvent) error {
+	for _, r := range recs {
+		if err := apply(ctx, tx, r); err != nil {
+			return fmt.Errorf("cannot project %s event %s/%d: %w", r.Event.EventType(), r.StreamID, r.StreamVersion, err)
+		}
+	}
+	return nil
+}
+
+func apply(ctx context.Context, tx Execer, r domain.RecordedEvent) error {
+	at := r.RecordedAt
+	switch e := r.Event.(type) {
+	case domain.DealCreated:
+		lines, err := json.Marshal(e.Lines)
+		if err != nil {
+			return err
+		}
+		return exec1(ctx, tx, `INSERT INTO deals (id, customer_id, customer_name, currency, lines, total, status, version, created_at, updated_at)
+			VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$9)`,
+			e.DealID, e.Customer.ID, e.Customer.Name, e.Currency, lines, e.Total, domain.StatusOpen, r.StreamVersion, at)
+	case domain.DealWon:
+		if err := exec1(ctx, tx, `UPDATE deals SET status=$2, version=$3, close_version=$4, status_before_close=$5,
+			idempotency_key=$6, invoice_number=NULL, updated_at=$7 WHERE id=$1`,
+			e.DealID, domain.StatusWon, r.StreamVersion, e.CloseVersion, e.PreviousStatus, e.IdempotencyKey, at); err != nil {
+			return err
+		}
+		return exec1(ctx, tx, `INSERT INTO invoice_sagas (idempotency_key, deal_id, state, started_at, updated_at)
+			VALUES ($1,$2,'pending',$3,$3)`, e.IdempotencyKey, e.DealID, at)
+	case domain.DealLost:
+		return exec1(ctx, tx, `UPDATE deals SET status=$2, version=$3, status_before_close=$4, updated_at=$5 WHERE id=$1`,
+			e.DealID, domain.StatusLost, r.StreamVersion, e.PreviousStatus, at)
+	case domain.InvoiceCreated:
+		if err := exec1(ctx, tx, `UPDATE deals SET status=$2, version=$3, invoice_number=$4, updated_at=$5 WHERE id=$1`,
+			e.DealID, domain.StatusInvoiced, r.StreamVersion, e.InvoiceNumber, at); err != nil {
+			return err
+		}
+		return exec1(ctx, tx, `UPDATE invoice_sagas SET state='invoiced', invoice_number=$2, updated_at=$3 WHERE idempotency_key=$1`,
+			e.IdempotencyKey, e.InvoiceNumber, at)
+	case domain.InventorySet:
+		return exec1(ctx, tx, `INSERT INTO inventory (sku, available, allocated, version, updated_at) VALUES ($1,$2,0,$3,$4)
+			ON CONFLICT (sku) DO UPDATE SET available=EXCLUDED.available, version=EXCLUDED.version, updated_at=EXCLUDED.updated_at`,
+			e.SKU, e.Available, r.StreamVersion, at)
+	case domain.InventoryAllocated:
+		return exec1(ctx, tx, `UPDATE inventory SET available=available-$2, allocated=allocated+$2, version=$3, updated_at=$4 WHERE sku=$1`,
+			e.SKU, e.Quantity, r.StreamVersion, at)
+	case domain.InventoryReleased:
+		return exec1(ctx, tx, `UPDATE inventory SET available=available+$2, allocated=allocated-$2, version=$3, updated_at=$4 WHERE sku=$1`,
+			e.SKU, e.Quantity, r.StreamVersion, at)
+	default:
+		return fmt.Errorf("no projection for event type %s", r.Event.EventType())
+	}
+}
+
+// exec1 runs a statement that must touch exactly one row: a projection that
+// silently updates nothing would let the read model drift from the log.
+func exec1(ctx context.Context, tx Execer, sql string, args ...any) error {
+	tag, err := tx.Exec(ctx, sql, args...)
+	if err != nil {
+		return err
+	}
+	if tag.RowsAffected() != 1 {
+		return fmt.Errorf("expected 1 row, touched %d", tag.RowsAffected())
+	}
+	return nil
+}
