@@ -1,6 +1,7 @@
 package httpapi
 
 import (
+	"cmp"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -46,7 +47,8 @@ func problemFor(err error) Problem {
 	)
 	switch {
 	case errors.As(err, &berr):
-		return Problem{Status: http.StatusBadRequest, Title: "Malformed request", Detail: berr.msg, Field: berr.field,
+		st := cmp.Or(berr.status, http.StatusBadRequest)
+		return Problem{Status: st, Title: "Malformed request", Detail: berr.msg, Field: berr.field,
 			Type: "https://dealbridge.dev/problems/malformed-request"}
 	case errors.As(err, &verr):
 		return Problem{Status: http.StatusUnprocessableEntity, Title: "Validation failed", Detail: verr.Error(), Field: verr.Field,
@@ -67,7 +69,10 @@ func problemFor(err error) Problem {
 	return Problem{Status: http.StatusInternalServerError, Title: "Internal error", Detail: "the request failed; see the server log"}
 }
 
-type badRequest struct{ field, msg string }
+type badRequest struct {
+	field, msg string
+	status     int // 0: 400
+}
 
 func (e *badRequest) Error() string { return e.msg }
 
@@ -94,7 +99,7 @@ func decode(w http.ResponseWriter, r *http.Request, v any) error {
 		case errors.As(err, &typ):
 			return &badRequest{field: typ.Field, msg: fmt.Sprintf("field %q must be %s, not %s", typ.Field, typeName(typ), typ.Value)}
 		case errors.As(err, &mbe):
-			return &badRequest{msg: fmt.Sprintf("request body is larger than %d bytes", maxBody)}
+			return &badRequest{status: http.StatusRequestEntityTooLarge, msg: fmt.Sprintf("request body is larger than %d bytes", maxBody)}
 		case strings.HasPrefix(err.Error(), "json: unknown field "):
 			f := strings.Trim(strings.TrimPrefix(err.Error(), "json: unknown field "), `"`)
 			return &badRequest{field: f, msg: fmt.Sprintf("unknown field %q", f)}
