@@ -1,0 +1,441 @@
+package queue
+
+import (
+	"cmp"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/ThreeDotsLabs/watermill/message"
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgtype"
+	"github.com/jackc/pgx/v5/pgxpool"
+)
+
+// SubscriberConfig configures a [Subscriber]. Zero fields take the defaults
+// noted on each field.
+type SubscriberConfig struct {
+	// Consumers is the number of consumer goroutines per subscription,
+	// which is the most messages one subscription has out at a time.
+	// Default 4.
+	Consumers int
+
+	// Lease is how long a claim is valid without an extension (measured
+	// on the database clock). The lease is extended every Lease/3 while
+	// the message is out; a crashed consumer's message becomes claimable
+	// again after at most Lease. It also bounds each queue query.
+	// Default 30s.
+	Lease time.Duration
+
+	// NackDelay is how long a nacked message waits before its next
+	// delivery when the message carries no [MetadataNackDelay].
+	// Default 1s; negative means immediately.
+	NackDelay time.Duration
+
+	// PollInterval is how often an idle consumer looks for work when no
+	// NOTIFY woke it (NOTIFY is a wake-up only, not durable). Default
+	// 500ms.
+	PollInterval time.Duration
+
+	// CloseTimeout is how long Close (or the cancellation of a Subscribe
+	// context) waits for handlers to Ack or Nack the messages they hold,
+	// after cancelling their contexts. Messages still out after it are left
+	// to lease expiry. Default 10s.
+	CloseTimeout time.Duration
+
+	// ReconnectDelay is the pause before the LISTEN connection is opened
+	// again after it failed. Default 1s.
+	ReconnectDelay time.Duration
+}
+
+func (c SubscriberConfig) withDefaults() SubscriberConfig {
+	c.Consumers = cmp.Or(c.Consumers, 4)
+	c.Lease = cmp.Or(c.Lease, 30*time.Second)
+	c.NackDelay = max(cmp.Or(c.NackDelay, time.Second), 0)
+	c.PollInterval = cmp.Or(c.PollInterval, 500*time.Millisecond)
+	c.CloseTimeout = cmp.Or(c.CloseTimeout, 10*time.Second)
+	c.ReconnectDelay = cmp.Or(c.ReconnectDelay, time.Second)
+	return c
+}
+
+func (c SubscriberConfig) validate() error {
+	switch {
+	case c.Consumers < 0:
+		return errors.New("queue: negative Consumers")
+	case c.Lease < 0, c.PollInterval < 0, c.CloseTimeout < 0, c.ReconnectDelay < 0:
+		return errors.New("queue: negative duration in SubscriberConfig")
+	case c.Lease > 0 && c.Lease < 30*time.Millisecond:
+		return errors.New("queue: Lease below 30ms")
+	}
+	return nil
+}
+
+// Subscriber delivers messages from the work_queue table. Each
+// subscription (one Subscribe call) runs Config.Consumers consumers, which
+// compete with every other consumer of the topic, in this process or
+// another: each message goes to exactly one consumer at a time.
+//
+// A delivered message's context is derived from the Subscribe context and
+// is cancelled when the message is acked or nacked, when its lease is lost
+// (cause [ErrLeaseLost]), and when the subscription stops.
+type Subscriber struct {
+	pool *pgxpool.Pool
+	cfg  SubscriberConfig
+	log  *slog.Logger
+
+	ctx    context.Context // cancelled by Close
+	cancel context.CancelFunc
+	wg     sync.WaitGroup // consumers, subscription closers and the listener
+
+	mu        sync.Mutex
+	closed    bool
+	listening bool
+	wakers    map[string]*waker // by topic
+}
+
+var (
+	_ message.Subscriber           = (*Subscriber)(nil)
+	_ message.SubscribeInitializer = (*Subscriber)(nil)
+)
+
+// NewSubscriber returns a Subscriber that claims work through pool and
+// listens for wake-ups on a dedicated connection opened with pool's
+// connection config. A nil logger means slog.Default().
+func NewSubscriber(pool *pgxpool.Pool, cfg SubscriberConfig, logger *slog.Logger) (*Subscriber, error) {
+	if pool == nil {
+		return nil, errors.New("queue: nil pool")
+	}
+	if err := cfg.validate(); err != nil {
+		return nil, err
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	return &Subscriber{
+		pool:   pool,
+		cfg:    cfg.withDefaults(),
+		log:    cmp.Or(logger, slog.Default()),
+		ctx:    ctx,
+		cancel: cancel,
+		wakers: map[string]*waker{},
+	}, nil
+}
+
+// SubscribeInitialize only validates topic: the table is created by the
+// migrations, not at run time.
+func (s *Subscriber) SubscribeInitialize(topic string) error {
+	if topic == "" {
+		return errors.New("queue: empty topic")
+	}
+	return nil
+}
+
+// Subscribe starts Config.Consumers consumers on topic and returns the
+// channel they deliver to. The channel is closed once ctx is cancelled or
+// Close is called and every consumer has finished (see Close).
+func (s *Subscriber) Subscribe(ctx context.Context, topic string) (<-chan *message.Message, error) {
+	if err := s.SubscribeInitialize(topic); err != nil {
+		return nil, err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return nil, ErrClosed
+	}
+	w := s.wakers[topic]
+	if w == nil {
+		w = newWaker()
+		s.wakers[topic] = w
+	}
+	if !s.listening {
+		s.listening = true
+		s.wg.Go(func() { s.listen(s.ctx) })
+	}
+
+	subCtx, cancel := context.WithCancel(ctx)
+	stop := context.AfterFunc(s.ctx, cancel)
+	out := make(chan *message.Message)
+	var consumers sync.WaitGroup
+	for range s.cfg.Consumers {
+		consumers.Go(func() { s.consume(subCtx, topic, w, out) })
+	}
+	s.wg.Go(func() {
+		consumers.Wait()
+		close(out)
+		stop()
+		cancel()
+	})
+	s.log.DebugContext(ctx, "queue: subscribed", "topic", topic, "consumers", s.cfg.Consumers)
+	return out, nil
+}
+
+// Close stops every subscription: consumers stop claiming, messages claimed
+// but not yet handed out are released at once (their attempt uncounted),
+// and the contexts of messages held by handlers are cancelled. Close then
+// waits up to Config.CloseTimeout for those handlers to Ack or Nack (and
+// for the resulting queries); a message still held after that keeps its
+// row leased and is delivered again once the lease expires. Close closes
+// the LISTEN connection but not the pool, which belongs to the caller. It
+// is safe to call more than once.
+func (s *Subscriber) Close() error {
+	s.mu.Lock()
+	s.closed = true
+	s.mu.Unlock()
+	s.cancel()
+	s.wg.Wait()
+	return nil
+}
+
+// claim is one claimed row.
+type claim struct {
+	id         int64
+	token      pgtype.UUID
+	uuid       string
+	payload    []byte
+	metadata   map[string]string
+	attempt    int
+	enqueuedAt time.Time
+	claimedAt  time.Time // Go clock, before the claim query: a lower bound
+}
+
+// claimSQL claims the oldest claimable row of a topic in one statement
+// (its own short transaction). Only the head (lowest id) of each ordering
+// key is claimable. The lease is computed on the database clock.
+const claimSQL = `
+UPDATE work_queue AS q
+SET attempts    = q.attempts + 1,
+    lease_until = now() + $2 * interval '1 microsecond',
+    claim_token = gen_random_uuid(),
+    last_error  = CASE WHEN q.lease_until IS NOT NULL THEN 'lease expired' ELSE q.last_error END
+FROM (
+    SELECT c.id
+    FROM work_queue AS c
+    WHERE c.topic = $1
+      AND c.available_at <= now()
+      AND (c.lease_until IS NULL OR c.lease_until <= now())
+      AND (c.ordering_key IS NULL OR NOT EXISTS (
+            SELECT 1 FROM work_queue AS o
+            WHERE o.topic = c.topic AND o.ordering_key = c.ordering_key AND o.id < c.id))
+    ORDER BY c.id
+    LIMIT 1
+    FOR UPDATE SKIP LOCKED
+) AS next
+WHERE q.id = next.id
+RETURNING q.id, q.claim_token, q.uuid, q.payload, q.metadata, q.attempts, q.created_at`
+
+const (
+	ackSQL    = `DELETE FROM work_queue WHERE id = $1 AND claim_token = $2`
+	extendSQL = `UPDATE work_queue SET lease_until = now() + $3 * interval '1 microsecond'
+WHERE id = $1 AND claim_token = $2`
+	nackSQL = `UPDATE work_queue
+SET lease_until = NULL, claim_token = NULL,
+    available_at = now() + $3 * interval '1 microsecond',
+    last_error = CASE WHEN $4 = '' THEN last_error ELSE $4 END
+WHERE id = $1 AND claim_token = $2`
+	releaseSQL = `UPDATE work_queue
+SET lease_until = NULL, claim_token = NULL, attempts = attempts - 1
+WHERE id = $1 AND claim_token = $2`
+)
+
+// opCtx returns a context for one queue query that is not cancelled with
+// the subscription (an ack or release must still run during Close) but is
+// bounded by the lease: past it, the result no longer matters.
+func (s *Subscriber) opCtx(ctx context.Context) (context.Context, context.CancelFunc) {
+	return context.WithTimeout(context.WithoutCancel(ctx), s.cfg.Lease)
+}
+
+func (s *Subscriber) claim(ctx context.Context, topic string) (*claim, error) {
+	ctx, cancel := s.opCtx(ctx)
+	defer cancel()
+	c := &claim{claimedAt: time.Now()}
+	var md []byte
+	err := s.pool.QueryRow(ctx, claimSQL, topic, s.cfg.Lease.Microseconds()).
+		Scan(&c.id, &c.token, &c.uuid, &c.payload, &md, &c.attempt, &c.enqueuedAt)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("queue: cannot claim from %q: %w", topic, err)
+	}
+	if err := json.Unmarshal(md, &c.metadata); err != nil {
+		// Deliver anyway: losing metadata is better than a poison row that
+		// blocks its ordering key forever.
+		s.log.ErrorContext(ctx, "queue: undecodable metadata", "id", c.id, "err", err)
+	}
+	return c, nil
+}
+
+// consume is one consumer: claim, deliver, wait for Ack/Nack, repeat.
+func (s *Subscriber) consume(ctx context.Context, topic string, w *waker, out chan<- *message.Message) {
+	for ctx.Err() == nil {
+		c, err := s.claim(ctx, topic)
+		if err != nil {
+			s.log.WarnContext(ctx, "queue: claim failed", "topic", topic, "err", err)
+		}
+		if c == nil {
+			t := time.NewTimer(s.pollDelay())
+			select {
+			case <-w.wait():
+			case <-t.C:
+			case <-ctx.Done():
+			}
+			t.Stop()
+			continue
+		}
+		w.wake() // there may be more: let another idle consumer look
+		s.deliver(ctx, topic, c, out)
+	}
+}
+
+// pollDelay is PollInterval with ±10% jitter, so consumers do not poll in
+// lock step.
+func (s *Subscriber) pollDelay() time.Duration {
+	p := s.cfg.PollInterval
+	return p - p/10 + rand.N(p/5+1)
+}
+
+// deliver hands c to the subscription's channel, keeps its lease alive and
+// applies the handler's Ack or Nack.
+func (s *Subscriber) deliver(ctx context.Context, topic string, c *claim, out chan<- *message.Message) {
+	log := s.log.With("topic", topic, "id", c.id, "uuid", c.uuid, "attempt", c.attempt)
+	msg := message.NewMessage(c.uuid, c.payload)
+	for k, v := range c.metadata {
+		msg.Metadata.Set(k, v)
+	}
+	delete(msg.Metadata, MetadataNackDelay)
+	delete(msg.Metadata, MetadataNackReason)
+	msg.Metadata.Set(MetadataAttempt, strconv.Itoa(c.attempt))
+	msg.Metadata.Set(MetadataEnqueuedAt, c.enqueuedAt.UTC().Format(time.RFC3339Nano))
+	msgCtx, cancelMsg := context.WithCancelCause(ctx)
+	defer cancelMsg(nil)
+	msg.SetContext(msgCtx)
+
+	hbCtx, stopHeartbeat := context.WithCancel(context.WithoutCancel(ctx))
+	hbDone := make(chan struct{})
+	go s.heartbeat(hbCtx, c, cancelMsg, log, hbDone)
+	stopHB := func() {
+		stopHeartbeat()
+		<-hbDone
+	}
+
+	select {
+	case out <- msg:
+	case <-ctx.Done():
+		// Nobody saw it: give it back untouched.
+		stopHB()
+		s.apply(ctx, log, "release", releaseSQL, c.id, c.token)
+		return
+	}
+
+	var acked bool
+	select {
+	case <-msg.Acked():
+		acked = true
+	case <-msg.Nacked():
+	case <-ctx.Done():
+		// msgCtx is cancelled with ctx; give the handler a grace period.
+		t := time.NewTimer(s.cfg.CloseTimeout)
+		defer t.Stop()
+		select {
+		case <-msg.Acked():
+			acked = true
+		case <-msg.Nacked():
+		case <-t.C:
+			stopHB()
+			log.WarnContext(ctx, "queue: message not acked before close; left to lease expiry")
+			return
+		}
+	}
+	stopHB()
+	if acked {
+		s.apply(ctx, log, "ack", ackSQL, c.id, c.token)
+		return
+	}
+	delay, ok, err := nackDelay(msg)
+	if err != nil {
+		log.WarnContext(ctx, "queue: ignoring nack delay", "err", err)
+	}
+	if !ok {
+		delay = s.cfg.NackDelay
+	}
+	s.apply(ctx, log, "nack", nackSQL, c.id, c.token, delay.Microseconds(), msg.Metadata.Get(MetadataNackReason))
+}
+
+// apply runs a token-guarded statement on c's row. A row that no longer
+// matches means the lease was lost (another consumer holds the message or
+// it was already handled): that is logged, not an error.
+func (s *Subscriber) apply(ctx context.Context, log *slog.Logger, op, query string, args ...any) {
+	opCtx, cancel := s.opCtx(ctx)
+	defer cancel()
+	tag, err := s.pool.Exec(opCtx, query, args...)
+	switch {
+	case err != nil:
+		log.ErrorContext(ctx, "queue: "+op+" failed; the message will be redelivered after its lease", "err", err)
+	case tag.RowsAffected() == 0:
+		log.WarnContext(ctx, "queue: "+op+" not applied: lease lost to another consumer")
+	}
+}
+
+// heartbeat extends c's lease every Lease/3 until ctx is done. When the
+// lease is gone (the token no longer matches, or no extension succeeded
+// for a whole lease) it cancels the message context with ErrLeaseLost.
+func (s *Subscriber) heartbeat(ctx context.Context, c *claim, cancelMsg context.CancelCauseFunc, log *slog.Logger, done chan<- struct{}) {
+	defer close(done)
+	t := time.NewTicker(s.cfg.Lease / 3)
+	defer t.Stop()
+	last := c.claimedAt
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		opCtx, cancel := s.opCtx(ctx)
+		start := time.Now()
+		tag, err := s.pool.Exec(opCtx, extendSQL, c.id, c.token, s.cfg.Lease.Microseconds())
+		cancel()
+		switch {
+		case ctx.Err() != nil:
+			return
+		case err != nil:
+			log.WarnContext(ctx, "queue: lease extension failed", "err", err)
+			if time.Since(last) >= s.cfg.Lease {
+				log.ErrorContext(ctx, "queue: lease expired while the database was unreachable; cancelling the handler")
+				cancelMsg(ErrLeaseLost)
+				return
+			}
+		case tag.RowsAffected() == 0:
+			log.WarnContext(ctx, "queue: lease lost to another consumer; cancelling the handler")
+			cancelMsg(ErrLeaseLost)
+			return
+		default:
+			last = start
+		}
+	}
+}
+
+// waker wakes the idle consumers of one topic, one at a time: a wake-up
+// is a single token that one idle consumer takes. A consumer that then
+// claims a message passes the token on (there may be more work), so a burst
+// of messages wakes consumers in a chain instead of a thundering herd of
+// claim queries on every NOTIFY. A token left when nobody is idle is taken
+// by the next consumer to go idle, which costs one extra claim query and
+// means no wake-up is lost while everybody is busy.
+type waker struct{ ch chan struct{} }
+
+func newWaker() *waker { return &waker{ch: make(chan struct{}, 1)} }
+
+// wait returns the channel an idle consumer waits on.
+func (w *waker) wait() <-chan struct{} { return w.ch }
+
+// wake wakes one idle consumer (or the next one to go idle).
+func (w *waker) wake() {
+	select {
+	case w.ch <- struct{}{}:
+	default:
+	}
+}
