@@ -132,6 +132,8 @@ func (d *Deal) apply(e Event) {
 	case InvoiceCreated:
 		d.invoiceNo = e.InvoiceNumber
 		d.status = StatusInvoiced
+	case DealReverted:
+		d.status = StatusReverted
 	}
 }
 
@@ -266,7 +268,7 @@ func (d *Deal) Close(outcome Outcome, expectedVersion *int, stock map[string]Sto
 // A second call for the same key is a no-op (nil change, nil error): the
 // handler may be redelivered. An invoice for a key that is not the deal's
 // current close is refused.
-func (d *Deal) RecordInvoice(key, number string) (*Change, error) {
+func (d *Deal) RecordInvoice(key, number string, attempts int) (*Change, error) {
 	if d.status == StatusInvoiced && d.invoiceKey == key {
 		return nil, nil
 	}
@@ -279,7 +281,7 @@ func (d *Deal) RecordInvoice(key, number string) (*Change, error) {
 	if number == "" {
 		return nil, invalid("invoice_number", "must not be empty")
 	}
-	ev := InvoiceCreated{DealID: d.id, IdempotencyKey: key, InvoiceNumber: number, Total: d.Total(), Currency: d.currency}
+	ev := InvoiceCreated{DealID: d.id, IdempotencyKey: key, InvoiceNumber: number, Attempts: attempts, Total: d.Total(), Currency: d.currency}
 	return &Change{StreamID: DealStream(d.id), ExpectedVersion: d.version, Events: []Event{ev}}, nil
 }
 

@@ -150,7 +150,7 @@ func TestCloseRefusals(t *testing.T) {
 func TestRecordInvoiceIsIdempotent(t *testing.T) {
 	t.Parallel()
 	d := newExampleDeal(t)
-	if _, err := d.RecordInvoice("k", "INV-1"); err == nil {
+	if _, err := d.RecordInvoice("k", "INV-1", 1); err == nil {
 		t.Fatal("an open deal must not accept an invoice")
 	}
 	ch, err := d.Close(domain.OutcomeWon, nil, map[string]domain.Stock{"SKU-1": {Available: 2}})
@@ -158,10 +158,10 @@ func TestRecordInvoiceIsIdempotent(t *testing.T) {
 		t.Fatal(err)
 	}
 	d.Apply(ch[0].Events...)
-	if _, err := d.RecordInvoice(dealID+":9", "INV-1"); err == nil {
+	if _, err := d.RecordInvoice(dealID+":9", "INV-1", 1); err == nil {
 		t.Fatal("an invoice for another close must be refused")
 	}
-	c, err := d.RecordInvoice(d.InvoiceKey(), "INV-1")
+	c, err := d.RecordInvoice(d.InvoiceKey(), "INV-1", 1)
 	if err != nil || c == nil {
 		t.Fatalf("first record: %v %v", c, err)
 	}
@@ -169,7 +169,7 @@ func TestRecordInvoiceIsIdempotent(t *testing.T) {
 	if d.Status() != domain.StatusInvoiced || d.InvoiceNumber() != "INV-1" {
 		t.Fatalf("status %s invoice %s", d.Status(), d.InvoiceNumber())
 	}
-	again, err := d.RecordInvoice(d.InvoiceKey(), "INV-1")
+	again, err := d.RecordInvoice(d.InvoiceKey(), "INV-1", 1)
 	if err != nil || again != nil {
 		t.Fatalf("second record must be a no-op, got %v %v", again, err)
 	}
@@ -227,4 +227,42 @@ func TestTotalProperty(t *testing.T) {
 			t.Fatalf("total %s, want %s", got, want.StringFixed(2))
 		}
 	})
+}
+
+func TestRevertReleasesAndIsIdempotent(t *testing.T) {
+	t.Parallel()
+	d := newExampleDeal(t)
+	stock := map[string]domain.Stock{"SKU-1": {SKU: "SKU-1", Available: 2, Version: 3}}
+	if _, err := d.Revert("x", "r", stock); err == nil {
+		t.Fatal("an open deal cannot be reverted")
+	}
+	ch, _ := d.Close(domain.OutcomeWon, nil, stock)
+	d.Apply(ch[0].Events...)
+	if _, err := d.Revert("other-key", "r", stock); err == nil {
+		t.Fatal("revert must name the current close")
+	}
+	rv, err := d.Revert(d.InvoiceKey(), "ERP rejected", map[string]domain.Stock{"SKU-1": {Version: 4}})
+	if err != nil || len(rv) != 2 {
+		t.Fatalf("revert: %v %v", rv, err)
+	}
+	if rel := rv[1].Events[0].(domain.InventoryReleased); rel.Quantity != 2 || rv[1].ExpectedVersion != 4 {
+		t.Fatalf("release %+v", rv[1])
+	}
+	d.Apply(rv[0].Events...)
+	if d.Status() != domain.StatusReverted {
+		t.Fatalf("status %s", d.Status())
+	}
+	again, err := d.Revert(d.InvoiceKey(), "again", nil)
+	if err != nil || again != nil {
+		t.Fatalf("second revert must be a no-op: %v %v", again, err)
+	}
+	// An invoiced deal is never reverted.
+	d2 := newExampleDeal(t)
+	ch, _ = d2.Close(domain.OutcomeWon, nil, stock)
+	d2.Apply(ch[0].Events...)
+	inv, _ := d2.RecordInvoice(d2.InvoiceKey(), "INV-9", 1)
+	d2.Apply(inv.Events...)
+	if _, err := d2.Revert(d2.InvoiceKey(), "late", stock); err == nil {
+		t.Fatal("an invoiced deal must not be reverted")
+	}
 }

@@ -56,6 +56,7 @@ type InvoiceCreated struct {
 	DealID         string `json:"deal_id"`
 	IdempotencyKey string `json:"idempotency_key"`
 	InvoiceNumber  string `json:"invoice_number"`
+	Attempts       int    `json:"attempts,omitempty"` // ERP attempts it took, this one included
 	Total          string `json:"total"`
 	Currency       string `json:"currency"`
 }
@@ -110,6 +111,16 @@ func DecodeEvent(typ string, schemaVersion int, payload []byte) (Event, error) {
 		e = &InventoryAllocated{}
 	case TypeInventoryReleased:
 		e = &InventoryReleased{}
+	case TypeInvoiceAttemptFailed:
+		e = &InvoiceAttemptFailed{}
+	case TypeInvoiceFailed:
+		e = &InvoiceFailed{}
+	case TypeDealReverted:
+		e = &DealReverted{}
+	case TypeAlertRaised:
+		e = &AlertRaised{}
+	case TypeMessageDeadLettered:
+		e = &MessageDeadLettered{}
 	default:
 		return nil, fmt.Errorf("unknown event type %q", typ)
 	}
@@ -134,6 +145,16 @@ func deref(e Event) Event {
 	case *InventoryAllocated:
 		return *v
 	case *InventoryReleased:
+		return *v
+	case *InvoiceAttemptFailed:
+		return *v
+	case *InvoiceFailed:
+		return *v
+	case *DealReverted:
+		return *v
+	case *AlertRaised:
+		return *v
+	case *MessageDeadLettered:
 		return *v
 	}
 	return e

@@ -51,6 +51,10 @@ func PublishTx(ctx context.Context, tx pgx.Tx, destTopic string, msgs ...*messag
 // saga's work queue.
 const InvoiceTopic = "invoice-requests"
 
+// AlertTopic is the destination topic of alert notifications: the alert
+// webhook's work queue.
+const AlertTopic = "alert-notifications"
+
 // Message metadata keys and values written by producers of outbox messages.
 const (
 	MetadataType           = "type"
@@ -58,5 +62,6 @@ const (
 	MetadataIdempotencyKey = "idempotency_key"
 	MetadataCorrelationID  = "correlation_id"
 
-	TypeInvoiceRequest = "InvoiceRequest"
+	TypeInvoiceRequest    = "InvoiceRequest"
+	TypeAlertNotification = "AlertNotification"
 )

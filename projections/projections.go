@@ -59,8 +59,38 @@ func apply(ctx context.Context, tx Execer, r domain.RecordedEvent) error {
 			e.DealID, domain.StatusInvoiced, r.StreamVersion, e.InvoiceNumber, at); err != nil {
 			return err
 		}
-		return exec1(ctx, tx, `UPDATE invoice_sagas SET state='invoiced', invoice_number=$2, updated_at=$3 WHERE idempotency_key=$1`,
+		return exec1(ctx, tx, `UPDATE invoice_sagas SET state='invoiced', invoice_number=$2, next_attempt_at=NULL, updated_at=$3 WHERE idempotency_key=$1`,
 			e.IdempotencyKey, e.InvoiceNumber, at)
+	case domain.InvoiceAttemptFailed:
+		return exec1(ctx, tx, `UPDATE invoice_sagas SET state='retrying', version=$2, attempts=$3, error_class=$4, last_error=$5,
+			first_attempt_at=coalesce(first_attempt_at, $6), last_attempt_at=$6, next_attempt_at=$7, updated_at=$8
+			WHERE idempotency_key=$1`,
+			e.IdempotencyKey, r.StreamVersion, e.Attempt, e.ErrorClass, e.Message, e.AttemptedAt, e.NextAttemptAt, at)
+	case domain.InvoiceFailed:
+		return exec1(ctx, tx, `UPDATE invoice_sagas SET state='failed', version=$2, attempts=$3, error_class=$4, last_error=$5,
+			next_attempt_at=NULL, updated_at=$6 WHERE idempotency_key=$1`,
+			e.IdempotencyKey, r.StreamVersion, e.Attempts, e.ErrorClass, e.Reason, at)
+	case domain.DealReverted:
+		if err := exec1(ctx, tx, `UPDATE deals SET status=$2, version=$3, updated_at=$4 WHERE id=$1`,
+			e.DealID, domain.StatusReverted, r.StreamVersion, at); err != nil {
+			return err
+		}
+		return exec1(ctx, tx, `UPDATE invoice_sagas SET state='compensated', updated_at=$2 WHERE idempotency_key=$1`,
+			e.IdempotencyKey, at)
+	case domain.AlertRaised:
+		return exec1(ctx, tx, `INSERT INTO alerts (id, kind, severity, state, deal_id, idempotency_key, dead_letter_id, message, version, created_at, updated_at)
+			VALUES ($1,$2,$3,'open',$4,$5,$6,$7,$8,$9,$9)`,
+			e.AlertID, e.Kind, e.Severity, nullUUID(e.DealID), nullText(e.IdempotencyKey), nullUUID(e.DeadLetterID), e.Message, r.StreamVersion, at)
+	case domain.MessageDeadLettered:
+		md, err := json.Marshal(e.Metadata)
+		if err != nil {
+			return err
+		}
+		return exec1(ctx, tx, `INSERT INTO dead_letters (id, state, deal_id, idempotency_key, message_uuid, topic, handler, payload, metadata,
+				reason, error_class, attempts, first_failure_at, last_failure_at, version, created_at, updated_at)
+			VALUES ($1,'open',$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$15)`,
+			e.DeadLetterID, nullUUID(e.DealID), nullText(e.IdempotencyKey), e.MessageUUID, e.Topic, e.Handler, e.RawPayload(), md,
+			e.Reason, e.ErrorClass, e.Attempts, e.FirstFailureAt, e.LastFailureAt, r.StreamVersion, at)
 	case domain.InventorySet:
 		return exec1(ctx, tx, `INSERT INTO inventory (sku, available, allocated, version, updated_at) VALUES ($1,$2,0,$3,$4)
 			ON CONFLICT (sku) DO UPDATE SET available=EXCLUDED.available, version=EXCLUDED.version, updated_at=EXCLUDED.updated_at`,
@@ -88,3 +118,13 @@ func exec1(ctx context.Context, tx Execer, sql string, args ...any) error {
 	}
 	return nil
 }
+
+// nullUUID and nullText store "" as NULL.
+func nullUUID(s string) any {
+	if s == "" {
+		return nil
+	}
+	return s
+}
+
+func nullText(s string) any { return nullUUID(s) }

@@ -24,8 +24,15 @@ import (
 // pgx transaction, and reports success only after Commit returned nil
 // (invariant I1).
 type Store struct {
-	pool         *pgxpool.Pool
-	beforeCommit func(ctx context.Context, tx pgx.Tx) error
+	pool               *pgxpool.Pool
+	beforeCommit       func(ctx context.Context, tx pgx.Tx) error
+	alertNotifications bool
+}
+
+// WithAlertNotifications makes every alert also write a message to the
+// outbox topic outbox.AlertTopic, for the outbound alert webhook.
+func WithAlertNotifications(on bool) Option {
+	return func(s *Store) { s.alertNotifications = on }
 }
 
 // Option configures a Store.
@@ -258,7 +265,12 @@ func (s *Store) RecordInvoice(ctx context.Context, dealID, key, number string, m
 		if err != nil {
 			return err
 		}
-		change, err := d.RecordInvoice(key, number)
+		var failed int
+		if err := tx.QueryRow(ctx, `SELECT attempts FROM invoice_sagas WHERE idempotency_key=$1`, key).Scan(&failed); err != nil &&
+			!errors.Is(err, pgx.ErrNoRows) {
+			return fmt.Errorf("cannot read saga %s: %w", key, err)
+		}
+		change, err := d.RecordInvoice(key, number, failed+1)
 		if err != nil || change == nil {
 			return err
 		}
@@ -277,15 +289,249 @@ func (s *Store) RecordInvoice(ctx context.Context, dealID, key, number string, m
 // InvoiceState returns the saga state for key ("pending", "invoiced", …) and
 // whether it exists.
 func (s *Store) InvoiceState(ctx context.Context, key string) (string, bool, error) {
-	var st string
-	err := s.pool.QueryRow(ctx, `SELECT state FROM invoice_sagas WHERE idempotency_key=$1`, key).Scan(&st)
+	v, ok, err := s.Saga(ctx, key)
+	return v.State, ok, err
+}
+
+// SagaView is an invoice saga's bookkeeping.
+type SagaView struct {
+	Key            string     `json:"idempotency_key"`
+	DealID         string     `json:"deal_id"`
+	State          string     `json:"state"`
+	Version        int        `json:"version"`
+	Attempts       int        `json:"attempts"`
+	ErrorClass     *string    `json:"error_class"`
+	LastError      *string    `json:"last_error"`
+	FirstAttemptAt *time.Time `json:"first_attempt_at"`
+	NextAttemptAt  *time.Time `json:"next_attempt_at"`
+	InvoiceNumber  *string    `json:"invoice_number"`
+}
+
+// Saga returns the saga of key and whether it exists.
+func (s *Store) Saga(ctx context.Context, key string) (SagaView, bool, error) {
+	var v SagaView
+	err := s.pool.QueryRow(ctx, `SELECT idempotency_key, deal_id::text, state, version, attempts, error_class, last_error,
+			first_attempt_at, next_attempt_at, invoice_number
+		FROM invoice_sagas WHERE idempotency_key=$1`, key).Scan(&v.Key, &v.DealID, &v.State, &v.Version, &v.Attempts,
+		&v.ErrorClass, &v.LastError, &v.FirstAttemptAt, &v.NextAttemptAt, &v.InvoiceNumber)
 	if errors.Is(err, pgx.ErrNoRows) {
-		return "", false, nil
+		return SagaView{}, false, nil
 	}
 	if err != nil {
-		return "", false, fmt.Errorf("cannot read saga %s: %w", key, err)
+		return SagaView{}, false, fmt.Errorf("cannot read saga %s: %w", key, err)
 	}
-	return st, true, nil
+	return v, true, nil
+}
+
+// RecordAttemptFailure appends a failed ERP attempt to the saga's stream.
+// expectedVersion is the saga version the caller read: a concurrent
+// recorder makes this fail with a version conflict, and the caller retries.
+func (s *Store) RecordAttemptFailure(ctx context.Context, ev domain.InvoiceAttemptFailed, expectedVersion int, meta domain.Metadata) error {
+	err := s.unit(ctx, func(tx pgx.Tx) error {
+		_, err := appendAndProject(ctx, tx, meta, domain.Change{
+			StreamID: domain.SagaStream(ev.IdempotencyKey), ExpectedVersion: expectedVersion, Events: []domain.Event{ev},
+		})
+		return err
+	})
+	if err != nil {
+		return fmt.Errorf("cannot record failed attempt %d of %s: %w", ev.Attempt, ev.IdempotencyKey, err)
+	}
+	return nil
+}
+
+// Failure says why a saga ends without an invoice.
+type Failure struct {
+	ErrorClass     string
+	Reason         string
+	Attempts       int
+	FirstFailureAt time.Time
+	LastFailureAt  time.Time
+}
+
+// DeadLetterSource is the message being dead-lettered, as it was delivered.
+type DeadLetterSource struct {
+	MessageUUID string
+	Topic       string
+	Handler     string
+	Payload     []byte
+	Metadata    map[string]string
+}
+
+// CompensationOutcome tells what Compensate did.
+type CompensationOutcome int
+
+const (
+	// Compensated: the deal was reverted, its inventory released, an alert
+	// raised and the message dead-lettered, all in one transaction.
+	Compensated CompensationOutcome = iota + 1
+	// AlreadyCompensated: an earlier delivery compensated this close.
+	AlreadyCompensated
+	// AlreadyInvoiced: the deal is invoiced; it is never compensated.
+	AlreadyInvoiced
+)
+
+// CompensationResult is what Compensate did and the ids it created.
+type CompensationResult struct {
+	Outcome      CompensationOutcome
+	AlertID      string
+	DeadLetterID string
+}
+
+// Compensate ends the saga of req without an invoice, in ONE transaction:
+// InvoiceFailed; the deal reverted and its inventory released; an alert
+// raised; the message dead-lettered; and, when alert notifications are on,
+// the alert written to the outbox for the webhook. It is idempotent, and it
+// never reverts an invoiced deal.
+func (s *Store) Compensate(ctx context.Context, req domain.InvoiceRequest, f Failure, src DeadLetterSource, meta domain.Metadata) (CompensationResult, error) {
+	var res CompensationResult
+	err := s.unit(ctx, func(tx pgx.Tx) error {
+		res = CompensationResult{}
+		d, err := loadDealForUpdate(ctx, tx, req.DealID)
+		if err != nil {
+			return err
+		}
+		switch {
+		case d.Status() == domain.StatusInvoiced:
+			res.Outcome = AlreadyInvoiced
+			return nil
+		case d.Status() == domain.StatusReverted && d.InvoiceKey() == req.IdempotencyKey:
+			res.Outcome = AlreadyCompensated
+			return nil
+		}
+		var sagaVersion int
+		if err := tx.QueryRow(ctx, `SELECT version FROM invoice_sagas WHERE idempotency_key=$1 FOR UPDATE`, req.IdempotencyKey).
+			Scan(&sagaVersion); err != nil {
+			return fmt.Errorf("cannot lock saga %s: %w", req.IdempotencyKey, err)
+		}
+		stock := map[string]domain.Stock{}
+		for _, q := range d.Quantities() {
+			st, err := lockStock(ctx, tx, q.SKU)
+			if err != nil {
+				return err
+			}
+			stock[q.SKU] = st
+		}
+		revert, err := d.Revert(req.IdempotencyKey, f.Reason, stock)
+		if err != nil {
+			return err
+		}
+		res.DeadLetterID = watermill.NewUUID()
+		res.AlertID = watermill.NewUUID()
+		dl := deadLetterEvent(res.DeadLetterID, req.DealID, req.IdempotencyKey, f, src)
+		alert := domain.AlertRaised{
+			AlertID: res.AlertID, Kind: domain.AlertKindInvoiceFailed, Severity: domain.SeverityCritical,
+			DealID: req.DealID, IdempotencyKey: req.IdempotencyKey, DeadLetterID: res.DeadLetterID,
+			Message: fmt.Sprintf("deal %s was not invoiced (%s after %d attempt(s)): %s; the deal is reverted and its inventory released",
+				req.DealID, f.ErrorClass, f.Attempts, f.Reason),
+		}
+		changes := append([]domain.Change{{StreamID: domain.SagaStream(req.IdempotencyKey), ExpectedVersion: sagaVersion,
+			Events: []domain.Event{domain.InvoiceFailed{DealID: req.DealID, IdempotencyKey: req.IdempotencyKey,
+				ErrorClass: domain.ErrorClass(f.ErrorClass), Reason: f.Reason, Attempts: f.Attempts}}}}, revert...)
+		changes = append(changes,
+			domain.Change{StreamID: domain.DeadLetterStream(res.DeadLetterID), Events: []domain.Event{dl}},
+			domain.Change{StreamID: domain.AlertStream(res.AlertID), Events: []domain.Event{alert}})
+		if _, err := appendAndProject(ctx, tx, meta, changes...); err != nil {
+			return err
+		}
+		res.Outcome = Compensated
+		return s.notifyAlert(ctx, tx, alert, meta)
+	})
+	if err != nil {
+		return CompensationResult{}, fmt.Errorf("cannot compensate deal %s: %w", req.DealID, err)
+	}
+	return res, nil
+}
+
+func deadLetterEvent(id, dealID, key string, f Failure, src DeadLetterSource) domain.MessageDeadLettered {
+	if !validUUID(dealID) {
+		dealID = ""
+	}
+	md := src.Metadata
+	if md == nil {
+		md = map[string]string{}
+	}
+	dl := domain.MessageDeadLettered{
+		DeadLetterID: id, DealID: dealID, IdempotencyKey: key, MessageUUID: src.MessageUUID,
+		Topic: src.Topic, Handler: src.Handler, Metadata: md, Reason: f.Reason, ErrorClass: f.ErrorClass,
+		Attempts: f.Attempts, FirstFailureAt: f.FirstFailureAt.UTC(), LastFailureAt: f.LastFailureAt.UTC(),
+	}
+	dl.SetPayload(src.Payload)
+	return dl
+}
+
+// DeadLetterTx parks a message that cannot be processed at all (a poison
+// message: undecodable, unknown type or version, invalid) with an alert,
+// through tx. There is no saga to compensate.
+func (s *Store) DeadLetterTx(ctx context.Context, tx pgx.Tx, dealID, key string, f Failure, src DeadLetterSource, meta domain.Metadata) (CompensationResult, error) {
+	res := CompensationResult{DeadLetterID: watermill.NewUUID(), AlertID: watermill.NewUUID()}
+	dl := deadLetterEvent(res.DeadLetterID, dealID, key, f, src)
+	alert := domain.AlertRaised{
+		AlertID: res.AlertID, Kind: domain.AlertKindPoison, Severity: domain.SeverityCritical,
+		DealID: dl.DealID, IdempotencyKey: key, DeadLetterID: res.DeadLetterID,
+		Message: fmt.Sprintf("message %s on %s could not be processed: %s", src.MessageUUID, src.Topic, f.Reason),
+	}
+	if _, err := appendAndProject(ctx, tx, meta,
+		domain.Change{StreamID: domain.DeadLetterStream(res.DeadLetterID), Events: []domain.Event{dl}},
+		domain.Change{StreamID: domain.AlertStream(res.AlertID), Events: []domain.Event{alert}}); err != nil {
+		return CompensationResult{}, fmt.Errorf("cannot dead-letter message %s: %w", src.MessageUUID, err)
+	}
+	if err := s.notifyAlert(ctx, tx, alert, meta); err != nil {
+		return CompensationResult{}, err
+	}
+	return res, nil
+}
+
+// DeadLetter is DeadLetterTx in a transaction of its own.
+func (s *Store) DeadLetter(ctx context.Context, dealID, key string, f Failure, src DeadLetterSource, meta domain.Metadata) (CompensationResult, error) {
+	var res CompensationResult
+	err := s.unit(ctx, func(tx pgx.Tx) error {
+		var err error
+		res, err = s.DeadLetterTx(ctx, tx, dealID, key, f, src, meta)
+		return err
+	})
+	return res, err
+}
+
+// RaiseAlert raises an alert on its own (e.g. a compensation that could
+// not complete).
+func (s *Store) RaiseAlert(ctx context.Context, alert domain.AlertRaised, meta domain.Metadata) (string, error) {
+	if alert.AlertID == "" {
+		alert.AlertID = watermill.NewUUID()
+	}
+	if !validUUID(alert.DealID) {
+		alert.DealID = ""
+	}
+	err := s.unit(ctx, func(tx pgx.Tx) error {
+		if _, err := appendAndProject(ctx, tx, meta,
+			domain.Change{StreamID: domain.AlertStream(alert.AlertID), Events: []domain.Event{alert}}); err != nil {
+			return err
+		}
+		return s.notifyAlert(ctx, tx, alert, meta)
+	})
+	if err != nil {
+		return "", fmt.Errorf("cannot raise alert: %w", err)
+	}
+	return alert.AlertID, nil
+}
+
+// notifyAlert writes the alert to the outbox for the alert webhook when
+// notifications are on: the webhook is delivered if and only if the alert
+// commits, and retried like any other message.
+func (s *Store) notifyAlert(ctx context.Context, tx pgx.Tx, alert domain.AlertRaised, meta domain.Metadata) error {
+	if !s.alertNotifications {
+		return nil
+	}
+	b, err := json.Marshal(alert)
+	if err != nil {
+		return fmt.Errorf("cannot encode alert: %w", err)
+	}
+	m := message.NewMessage(watermill.NewUUID(), b)
+	m.Metadata.Set(outbox.MetadataType, outbox.TypeAlertNotification)
+	m.Metadata.Set(outbox.MetadataSchemaVersion, "1")
+	if meta.CorrelationID != "" {
+		m.Metadata.Set(outbox.MetadataCorrelationID, meta.CorrelationID)
+	}
+	return outbox.PublishTx(ctx, tx, outbox.AlertTopic, m)
 }
 
 // EventView is an event as the API shows it.

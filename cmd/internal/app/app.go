@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"strings"
 	"time"
 
 	"github.com/ThreeDotsLabs/watermill"
@@ -23,6 +24,8 @@ import (
 	"github.com/dealbridge/dealbridge/adapters/postgres"
 	"github.com/dealbridge/dealbridge/adapters/queue"
 	"github.com/dealbridge/dealbridge/adapters/saga"
+	"github.com/dealbridge/dealbridge/adapters/webhook"
+	"github.com/dealbridge/dealbridge/domain"
 	"github.com/dealbridge/dealbridge/outbox"
 )
 
@@ -93,13 +96,28 @@ type RelayConfig struct {
 	BatchSize    int
 }
 
-// RunRelay relays the outbox to the work queue until ctx is done.
+// RunRelay relays the outbox to the work queue until ctx is done. An
+// envelope that cannot be unwrapped is dead-lettered (with an alert) in the
+// relay's own transaction, so it never wedges the relay and is never
+// silently dropped.
 func RunRelay(ctx context.Context, pool *pgxpool.Pool, cfg RelayConfig, logger *slog.Logger) error {
 	pub, err := queue.NewPublisher(pool, queue.PublisherConfig{}, logger)
 	if err != nil {
 		return err
 	}
-	r, err := outbox.NewRelay(pool, pub, outbox.RelayConfig{PollInterval: cfg.PollInterval, BatchSize: cfg.BatchSize}, logger)
+	poison, err := middleware.PoisonQueueWithFilter(postgres.NewDeadLetterPublisher(postgres.NewStore(pool)),
+		postgres.DeadLetterTopic, func(err error) bool {
+			// The forwarder reports an undecodable envelope only through
+			// its error text; anything else (the queue insert failed) is a
+			// database problem to retry, not poison.
+			return strings.Contains(err.Error(), "cannot unwrap message from an envelope")
+		})
+	if err != nil {
+		return fmt.Errorf("cannot create poison queue: %w", err)
+	}
+	r, err := outbox.NewRelay(pool, pub, outbox.RelayConfig{
+		PollInterval: cfg.PollInterval, BatchSize: cfg.BatchSize, Middlewares: []message.HandlerMiddleware{poison},
+	}, logger)
 	if err != nil {
 		return err
 	}
@@ -114,6 +132,12 @@ type HandlerConfig struct {
 	PollInterval time.Duration
 	Lease        time.Duration
 	NackDelay    time.Duration
+	Retry        domain.RetryPolicy
+	Breaker      erp.BreakerConfig
+	// AlertWebhookURL and AlertWebhookSecret turn on the outbound alert
+	// webhook; both or neither.
+	AlertWebhookURL    string
+	AlertWebhookSecret string
 }
 
 // RunHandler runs the invoice saga handlers until ctx is done.
@@ -121,17 +145,20 @@ func RunHandler(ctx context.Context, pool *pgxpool.Pool, cfg HandlerConfig, logg
 	if cfg.ERPURL == "" {
 		return errors.New("no ERP URL: set --erp-url or DEALBRIDGE_ERP_URL")
 	}
-	port := erp.NewBreaker(erp.NewHTTPClient(erp.HTTPConfig{BaseURL: cfg.ERPURL, Timeout: cfg.ERPTimeout, Logger: logger}),
-		erp.BreakerConfig{Logger: logger})
+	bc := cfg.Breaker
+	bc.Logger = logger
+	port := erp.NewBreaker(erp.NewHTTPClient(erp.HTTPConfig{BaseURL: cfg.ERPURL, Timeout: cfg.ERPTimeout, Logger: logger}), bc)
 	return RunHandlerWithPort(ctx, pool, port, cfg, logger)
 }
 
 // RunHandlerWithPort runs the invoice saga handlers against port.
 func RunHandlerWithPort(ctx context.Context, pool *pgxpool.Pool, port erp.Port, cfg HandlerConfig, logger *slog.Logger) error {
+	if (cfg.AlertWebhookURL == "") != (cfg.AlertWebhookSecret == "") {
+		return errors.New("the alert webhook needs both a URL and a secret")
+	}
 	wlog := watermill.NewSlogLogger(logger)
-	sub, err := queue.NewSubscriber(pool, queue.SubscriberConfig{
-		Consumers: cfg.Consumers, PollInterval: cfg.PollInterval, Lease: cfg.Lease, NackDelay: cfg.NackDelay,
-	}, logger)
+	qcfg := queue.SubscriberConfig{Consumers: cfg.Consumers, PollInterval: cfg.PollInterval, Lease: cfg.Lease, NackDelay: cfg.NackDelay}
+	sub, err := queue.NewSubscriber(pool, qcfg, logger)
 	if err != nil {
 		return err
 	}
@@ -140,8 +167,29 @@ func RunHandlerWithPort(ctx context.Context, pool *pgxpool.Pool, port erp.Port, 
 		return fmt.Errorf("cannot create router: %w", err)
 	}
 	router.AddMiddleware(middleware.Recoverer)
-	h := saga.NewInvoiceHandler(postgres.NewStore(pool), port, logger)
-	router.AddConsumerHandler(saga.HandlerName, outbox.InvoiceTopic, sub, h.Handle)
+	store := postgres.NewStore(pool, postgres.WithAlertNotifications(cfg.AlertWebhookURL != ""))
+	poison, err := middleware.PoisonQueueWithFilter(postgres.NewDeadLetterPublisher(store), postgres.DeadLetterTopic,
+		func(err error) bool {
+			// Poison, and panics: a message that crashes the handler would
+			// otherwise be retried forever.
+			return saga.IsPoison(err) || errors.As(err, new(middleware.RecoveredPanicError))
+		})
+	if err != nil {
+		return fmt.Errorf("cannot create poison queue: %w", err)
+	}
+	h := saga.NewInvoiceHandler(store, port, saga.Config{Retry: cfg.Retry}, logger)
+	router.AddConsumerHandler(saga.HandlerName, outbox.InvoiceTopic, sub, h.Handle).AddMiddleware(poison)
+	if cfg.AlertWebhookURL != "" {
+		sender, err := webhook.New(webhook.Config{URL: cfg.AlertWebhookURL, Secret: []byte(cfg.AlertWebhookSecret), Retry: cfg.Retry}, logger)
+		if err != nil {
+			return err
+		}
+		wsub, err := queue.NewSubscriber(pool, queue.SubscriberConfig{Consumers: 2, PollInterval: cfg.PollInterval, Lease: cfg.Lease}, logger)
+		if err != nil {
+			return err
+		}
+		router.AddConsumerHandler(webhook.HandlerName, outbox.AlertTopic, wsub, sender.Handle)
+	}
 	if err := router.Run(ctx); err != nil {
 		return fmt.Errorf("handler router: %w", err)
 	}

@@ -12,6 +12,7 @@ import (
 	"log/slog"
 
 	"sort"
+	"strconv"
 	"strings"
 	"time"
 )
@@ -36,6 +37,8 @@ func commands() []command {
 		{"handler", "run the invoice saga handlers (any number of processes)", runHandler},
 		{"erp-sim", "run the simulated ERP over HTTP", runERPSim},
 		{"migrate", "apply, roll back or show database migrations (up|down|status)", runMigrate},
+		{"alerts", "list alerts (alerts list [--json])", runAlerts},
+		{"dlq", "list dead letters (dlq list [--json])", runDLQ},
 	}
 }
 
@@ -93,7 +96,8 @@ func printUsage(w io.Writer) {
 // flags is a FlagSet whose defaults come from environment variables.
 type flags struct {
 	*flag.FlagSet
-	env Env
+	env    Env
+	envErr error // the first environment variable that did not parse
 }
 
 func newFlags(env Env, name, usage string) *flags {
@@ -117,6 +121,8 @@ func (f *flags) duration(p *time.Duration, name, envName string, def time.Durati
 	if v := f.env.Getenv(envName); v != "" {
 		if d, err := time.ParseDuration(v); err == nil {
 			def = d
+		} else if f.envErr == nil {
+			f.envErr = fmt.Errorf("invalid $%s %q: want a duration such as 500ms or 10s", envName, v)
 		}
 	}
 	f.DurationVar(p, name, def, help+" ($"+envName+")")
@@ -124,9 +130,10 @@ func (f *flags) duration(p *time.Duration, name, envName string, def time.Durati
 
 func (f *flags) int(p *int, name, envName string, def int, help string) {
 	if v := f.env.Getenv(envName); v != "" {
-		var n int
-		if _, err := fmt.Sscan(v, &n); err == nil {
+		if n, err := strconv.Atoi(v); err == nil {
 			def = n
+		} else if f.envErr == nil {
+			f.envErr = fmt.Errorf("invalid $%s %q: want an integer", envName, v)
 		}
 	}
 	f.IntVar(p, name, def, help+" ($"+envName+")")
@@ -139,6 +146,9 @@ func (f *flags) parse(args []string) error {
 			return err
 		}
 		return &usageError{msg: err.Error()}
+	}
+	if f.envErr != nil {
+		return &usageError{msg: f.envErr.Error()}
 	}
 	return nil
 }
@@ -176,5 +186,3 @@ func (c *common) requireDB() error {
 	}
 	return nil
 }
-
-

@@ -5,7 +5,12 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"os"
+	"strings"
 	"time"
+
+	"github.com/dealbridge/dealbridge/adapters/erp"
+	"github.com/dealbridge/dealbridge/domain"
 
 	"github.com/dealbridge/dealbridge/adapters/erp/erpsim"
 	"github.com/dealbridge/dealbridge/cmd/internal/app"
@@ -82,12 +87,20 @@ func runRelay(ctx context.Context, env Env, args []string) error {
 }
 
 type handlerFlags struct {
-	erpURL     string
-	erpTimeout time.Duration
-	consumers  int
-	poll       time.Duration
-	lease      time.Duration
-	nackDelay  time.Duration
+	erpURL       string
+	erpTimeout   time.Duration
+	consumers    int
+	poll         time.Duration
+	lease        time.Duration
+	nackDelay    time.Duration
+	maxAttempts  int
+	retryInitial time.Duration
+	retryMax     time.Duration
+	maxAge       time.Duration
+	breakerN     int
+	breakerCool  time.Duration
+	webhookURL   string
+	secretFile   string
 }
 
 func (h *handlerFlags) register(f *flags, withURL bool) {
@@ -99,11 +112,41 @@ func (h *handlerFlags) register(f *flags, withURL bool) {
 	f.duration(&h.poll, "queue-poll-interval", "DEALBRIDGE_QUEUE_POLL_INTERVAL", 500*time.Millisecond, "work-queue polling fallback (LISTEN/NOTIFY wakes consumers sooner)")
 	f.duration(&h.lease, "lease", "DEALBRIDGE_LEASE", 30*time.Second, "work-queue lease; a crashed handler's message returns after it")
 	f.duration(&h.nackDelay, "nack-delay", "DEALBRIDGE_NACK_DELAY", time.Second, "delay before a failed message is retried")
+	f.int(&h.maxAttempts, "max-attempts", "DEALBRIDGE_MAX_ATTEMPTS", 8, "ERP attempts per invoice before compensation")
+	f.duration(&h.retryInitial, "retry-initial", "DEALBRIDGE_RETRY_INITIAL", time.Second, "upper bound of the first retry backoff (full jitter)")
+	f.duration(&h.retryMax, "retry-max", "DEALBRIDGE_RETRY_MAX", 5*time.Minute, "cap of the retry backoff")
+	f.duration(&h.maxAge, "retry-max-age", "DEALBRIDGE_RETRY_MAX_AGE", 24*time.Hour, "give up retrying once the first attempt is this old")
+	f.int(&h.breakerN, "breaker-failures", "DEALBRIDGE_BREAKER_FAILURES", 5, "consecutive ERP failures that open the circuit breaker")
+	f.duration(&h.breakerCool, "breaker-cooldown", "DEALBRIDGE_BREAKER_COOLDOWN", 5*time.Second, "first cool-down of an open breaker (doubles while the ERP stays down)")
+	f.string(&h.webhookURL, "alert-webhook-url", "DEALBRIDGE_ALERT_WEBHOOK_URL", "", "POST every alert here, HMAC-signed (needs a secret)")
+	f.string(&h.secretFile, "alert-webhook-secret-file", "DEALBRIDGE_ALERT_WEBHOOK_SECRET_FILE", "", "file holding the webhook HMAC secret (or set $DEALBRIDGE_ALERT_WEBHOOK_SECRET)")
 }
 
-func (h *handlerFlags) config() app.HandlerConfig {
-	return app.HandlerConfig{ERPURL: h.erpURL, ERPTimeout: h.erpTimeout, Consumers: h.consumers,
-		PollInterval: h.poll, Lease: h.lease, NackDelay: h.nackDelay}
+func (h *handlerFlags) config(env Env) (app.HandlerConfig, error) {
+	cfg := app.HandlerConfig{ERPURL: h.erpURL, ERPTimeout: h.erpTimeout, Consumers: h.consumers,
+		PollInterval: h.poll, Lease: h.lease, NackDelay: h.nackDelay,
+		Retry:   domain.RetryPolicy{Initial: h.retryInitial, Max: h.retryMax, MaxAttempts: h.maxAttempts, MaxAge: h.maxAge},
+		Breaker: erp.BreakerConfig{FailureThreshold: h.breakerN, CoolDown: h.breakerCool},
+	}
+	if h.maxAttempts < 1 {
+		return cfg, &usageError{msg: "--max-attempts must be at least 1"}
+	}
+	// The secret never comes from the command line, where ps would show it.
+	secret := env.Getenv("DEALBRIDGE_ALERT_WEBHOOK_SECRET")
+	if h.secretFile != "" {
+		b, err := os.ReadFile(h.secretFile)
+		if err != nil {
+			return cfg, fmt.Errorf("cannot read the alert webhook secret: %w", err)
+		}
+		secret = strings.TrimSpace(string(b))
+	}
+	if h.webhookURL != "" && secret == "" {
+		return cfg, &usageError{msg: "--alert-webhook-url needs a secret: --alert-webhook-secret-file or $DEALBRIDGE_ALERT_WEBHOOK_SECRET"}
+	}
+	if h.webhookURL != "" {
+		cfg.AlertWebhookURL, cfg.AlertWebhookSecret = h.webhookURL, secret
+	}
+	return cfg, nil
 }
 
 func runHandler(ctx context.Context, env Env, args []string) error {
@@ -121,13 +164,20 @@ func runHandler(ctx context.Context, env Env, args []string) error {
 	if err != nil {
 		return err
 	}
+	if _, err := h.config(env); err != nil {
+		return err
+	}
 	pool, err := app.NewPool(ctx, c.databaseURL, "dealbridge-handler", int32(h.consumers+4))
 	if err != nil {
 		return err
 	}
 	defer pool.Close()
+	cfg, err := h.config(env)
+	if err != nil {
+		return err
+	}
 	logger.Info("handler running", "erp", h.erpURL, "consumers", h.consumers)
-	return app.RunHandler(ctx, pool, h.config(), logger)
+	return app.RunHandler(ctx, pool, cfg, logger)
 }
 
 func runERPSim(ctx context.Context, env Env, args []string) error {

@@ -8,6 +8,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"time"
 
 	"github.com/jackc/pgx/v5/pgxpool"
 	"golang.org/x/sync/errgroup"
@@ -30,6 +31,7 @@ func runDev(ctx context.Context, env Env, args []string) error {
 		h         handlerFlags
 		sim       erpsim.Config
 		noSeed    bool
+		chaos     bool
 	)
 	f := newFlags(env, "dev", "dev [flags]")
 	c.register(f)
@@ -37,6 +39,7 @@ func runDev(ctx context.Context, env Env, args []string) error {
 	f.string(&simListen, "erp-sim-listen", "DEALBRIDGE_ERP_SIM_LISTEN", "127.0.0.1:8081", "address of the simulated ERP")
 	f.string(&dataDir, "data-dir", "DEALBRIDGE_DATA_DIR", ".dealbridge", "where the embedded Postgres and the ERP simulator keep their data")
 	f.BoolVar(&noSeed, "no-seed", false, "do not seed demo data into an empty database")
+	f.BoolVar(&chaos, "chaos", false, "turn on an ERP fault plan (5xx, 429, lost responses, hangs; customer C-REJECT always rejected) to watch retries, compensation and dead letters")
 	r.register(f)
 	h.register(f, false)
 	sim.RegisterFlags(f.FlagSet)
@@ -46,6 +49,18 @@ func runDev(ctx context.Context, env Env, args []string) error {
 	logger, err := c.logger(env)
 	if err != nil {
 		return err
+	}
+	if chaos {
+		// A fault plan a newcomer can watch: retries, a lost response
+		// resolved by lookup, and a customer the ERP always rejects.
+		sim.Faults.ErrorRate = max(sim.Faults.ErrorRate, 0.3)
+		sim.Faults.RateLimitRate = max(sim.Faults.RateLimitRate, 0.1)
+		sim.Faults.DropAfterCommitRate = max(sim.Faults.DropAfterCommitRate, 0.1)
+		sim.Faults.HangRate = max(sim.Faults.HangRate, 0.02)
+		sim.Faults.RejectCustomers = append(sim.Faults.RejectCustomers, "C-REJECT")
+		if h.erpTimeout > 3*time.Second {
+			h.erpTimeout = 3 * time.Second
+		}
 	}
 	dataDir, err = filepath.Abs(dataDir)
 	if err != nil {
@@ -108,6 +123,10 @@ func runDev(ctx context.Context, env Env, args []string) error {
 
 	apiURL := "http://" + apiLn.Addr().String()
 	h.erpURL = "http://" + simLn.Addr().String()
+	hcfg, err := h.config(env)
+	if err != nil {
+		return err
+	}
 	fmt.Fprintf(env.Stdout, `dealbridge dev is running (Ctrl-C stops it)
   API:          %s/api/v1/deals
   ERP simulator: %s/invoices
@@ -127,7 +146,7 @@ Try:
 	g.Go(func() error {
 		return app.RunRelay(gctx, pool, app.RelayConfig{PollInterval: r.poll, BatchSize: r.batch}, logger)
 	})
-	g.Go(func() error { return app.RunHandler(gctx, pool, h.config(), logger) })
+	g.Go(func() error { return app.RunHandler(gctx, pool, hcfg, logger) })
 	err = g.Wait()
 	if ctx.Err() != nil && (err == nil || errors.Is(err, context.Canceled)) {
 		fmt.Fprintln(env.Stdout, "dealbridge dev stopped")

@@ -1,0 +1,91 @@
+package postgres
+
+import (
+	"encoding/json"
+	"maps"
+	"time"
+
+	wsql "github.com/ThreeDotsLabs/watermill-sql/v4/pkg/sql"
+	"github.com/ThreeDotsLabs/watermill/message"
+	"github.com/ThreeDotsLabs/watermill/message/router/middleware"
+	"github.com/jackc/pgx/v5"
+
+	"github.com/dealbridge/dealbridge/domain"
+	"github.com/dealbridge/dealbridge/outbox"
+)
+
+// DeadLetterTopic is the topic name the poison-queue middleware publishes
+// to; DeadLetterPublisher ignores it and writes the dead_letters table.
+const DeadLetterTopic = "dead-letters"
+
+// DeadLetterPublisher is the message.Publisher behind Watermill's
+// PoisonQueue middleware: each poisoned message becomes a dead letter plus
+// an alert, in one transaction — the watermill-sql transaction of the
+// message's context when there is one (inside the relay, so that the dead
+// letter commits with the relay's offset), else one of its own.
+type DeadLetterPublisher struct {
+	store *Store
+}
+
+// NewDeadLetterPublisher returns a publisher that dead-letters through store.
+func NewDeadLetterPublisher(store *Store) *DeadLetterPublisher {
+	return &DeadLetterPublisher{store: store}
+}
+
+// Publish dead-letters msgs. The reason and origin come from the
+// poison-queue metadata (reason_poisoned, topic_poisoned, handler_poisoned).
+func (p *DeadLetterPublisher) Publish(_ string, msgs ...*message.Message) error {
+	for _, m := range msgs {
+		if err := p.publish(m); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (p *DeadLetterPublisher) publish(m *message.Message) error {
+	ctx := m.Context()
+	now := time.Now().UTC()
+	md := maps.Clone(map[string]string(m.Metadata))
+	src := DeadLetterSource{
+		MessageUUID: m.UUID, Topic: m.Metadata.Get(middleware.PoisonedTopicKey),
+		Handler: m.Metadata.Get(middleware.PoisonedHandlerKey), Payload: m.Payload, Metadata: md,
+	}
+	f := Failure{ErrorClass: domain.ClassPoison, Reason: m.Metadata.Get(middleware.ReasonForPoisonedKey), Attempts: 1,
+		FirstFailureAt: now, LastFailureAt: now}
+	dealID, key := identify(m)
+	meta := domain.Metadata{CorrelationID: m.Metadata.Get(outbox.MetadataCorrelationID), CausationID: m.UUID, Actor: "poison-queue"}
+	if wtx, ok := wsql.TxFromContext(ctx); ok {
+		if ptx, ok := pgxTx(wtx); ok {
+			_, err := p.store.DeadLetterTx(ctx, ptx, dealID, key, f, src, meta)
+			return err
+		}
+	}
+	_, err := p.store.DeadLetter(ctx, dealID, key, f, src, meta)
+	return err
+}
+
+// identify extracts the deal id and key from a message when it can.
+func identify(m *message.Message) (dealID, key string) {
+	key = m.Metadata.Get(outbox.MetadataIdempotencyKey)
+	var probe struct {
+		DealID string `json:"deal_id"`
+	}
+	if json.Unmarshal(m.Payload, &probe) == nil && validUUID(probe.DealID) {
+		dealID = probe.DealID
+	}
+	return dealID, key
+}
+
+func pgxTx(t wsql.Tx) (pgx.Tx, bool) {
+	switch v := t.(type) {
+	case *wsql.PgxTx:
+		return v.Tx, true
+	case wsql.PgxTx:
+		return v.Tx, true
+	}
+	return nil, false
+}
+
+// Close does nothing.
+func (p *DeadLetterPublisher) Close() error { return nil }
