@@ -89,75 +89,45 @@ func (InventorySet) EventType() string       { return TypeInventorySet }
 func (InventoryAllocated) EventType() string { return TypeInventoryAllocated }
 func (InventoryReleased) EventType() string  { return TypeInventoryReleased }
 
+// decoders maps each event type to a decoder of its current schema.
+var decoders = map[string]func([]byte) (Event, error){
+	TypeDealCreated:          decodeAs[DealCreated],
+	TypeDealWon:              decodeAs[DealWon],
+	TypeDealLost:             decodeAs[DealLost],
+	TypeInvoiceCreated:       decodeAs[InvoiceCreated],
+	TypeInventorySet:         decodeAs[InventorySet],
+	TypeInventoryAllocated:   decodeAs[InventoryAllocated],
+	TypeInventoryReleased:    decodeAs[InventoryReleased],
+	TypeInvoiceAttemptFailed: decodeAs[InvoiceAttemptFailed],
+	TypeInvoiceFailed:        decodeAs[InvoiceFailed],
+	TypeDealReverted:         decodeAs[DealReverted],
+	TypeAlertRaised:          decodeAs[AlertRaised],
+	TypeMessageDeadLettered:  decodeAs[MessageDeadLettered],
+}
+
+func decodeAs[T Event](payload []byte) (Event, error) {
+	var v T
+	if err := json.Unmarshal(payload, &v); err != nil {
+		return nil, err
+	}
+	return v, nil
+}
+
 // DecodeEvent turns a stored event back into its value. An unknown type or
 // a schema version newer than this code knows is an error, never a guess.
 func DecodeEvent(typ string, schemaVersion int, payload []byte) (Event, error) {
 	if schemaVersion < 1 || schemaVersion > SchemaVersion {
 		return nil, fmt.Errorf("event %s: unsupported schema version %d", typ, schemaVersion)
 	}
-	var e Event
-	switch typ {
-	case TypeDealCreated:
-		e = &DealCreated{}
-	case TypeDealWon:
-		e = &DealWon{}
-	case TypeDealLost:
-		e = &DealLost{}
-	case TypeInvoiceCreated:
-		e = &InvoiceCreated{}
-	case TypeInventorySet:
-		e = &InventorySet{}
-	case TypeInventoryAllocated:
-		e = &InventoryAllocated{}
-	case TypeInventoryReleased:
-		e = &InventoryReleased{}
-	case TypeInvoiceAttemptFailed:
-		e = &InvoiceAttemptFailed{}
-	case TypeInvoiceFailed:
-		e = &InvoiceFailed{}
-	case TypeDealReverted:
-		e = &DealReverted{}
-	case TypeAlertRaised:
-		e = &AlertRaised{}
-	case TypeMessageDeadLettered:
-		e = &MessageDeadLettered{}
-	default:
+	dec, ok := decoders[typ]
+	if !ok {
 		return nil, fmt.Errorf("unknown event type %q", typ)
 	}
-	if err := json.Unmarshal(payload, e); err != nil {
+	e, err := dec(payload)
+	if err != nil {
 		return nil, fmt.Errorf("cannot decode %s event: %w", typ, err)
 	}
-	return deref(e), nil
-}
-
-func deref(e Event) Event {
-	switch v := e.(type) {
-	case *DealCreated:
-		return *v
-	case *DealWon:
-		return *v
-	case *DealLost:
-		return *v
-	case *InvoiceCreated:
-		return *v
-	case *InventorySet:
-		return *v
-	case *InventoryAllocated:
-		return *v
-	case *InventoryReleased:
-		return *v
-	case *InvoiceAttemptFailed:
-		return *v
-	case *InvoiceFailed:
-		return *v
-	case *DealReverted:
-		return *v
-	case *AlertRaised:
-		return *v
-	case *MessageDeadLettered:
-		return *v
-	}
-	return e
+	return e, nil
 }
 
 // Metadata travels with every event: who caused it and why.
