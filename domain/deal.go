@@ -134,6 +134,10 @@ func (d *Deal) apply(e Event) {
 		d.status = StatusInvoiced
 	case DealReverted:
 		d.status = StatusReverted
+	case DealReinstated:
+		d.status = StatusWon
+		d.invoiceKey = e.IdempotencyKey
+		d.invoiceNo = ""
 	}
 }
 

@@ -103,6 +103,16 @@ var decoders = map[string]func([]byte) (Event, error){
 	TypeDealReverted:         decodeAs[DealReverted],
 	TypeAlertRaised:          decodeAs[AlertRaised],
 	TypeMessageDeadLettered:  decodeAs[MessageDeadLettered],
+	TypeDeadLetterEdited:     decodeAs[DeadLetterEdited],
+	TypeDeadLetterApproved:   decodeAs[DeadLetterApproved],
+	TypeDeadLetterReinjected: decodeAs[DeadLetterReinjected],
+	TypeDeadLetterDiscarded:  decodeAs[DeadLetterDiscarded],
+	TypeDeadLetterResolved:   decodeAs[DeadLetterResolved],
+	TypeDeadLetterReopened:   decodeAs[DeadLetterReopened],
+	TypeAlertAcknowledged:    decodeAs[AlertAcknowledged],
+	TypeAlertResolved:        decodeAs[AlertResolved],
+	TypeDealReinstated:       decodeAs[DealReinstated],
+	TypeInvoiceSagaResumed:   decodeAs[InvoiceSagaResumed],
 }
 
 func decodeAs[T Event](payload []byte) (Event, error) {

@@ -61,6 +61,7 @@ const (
 	MetadataSchemaVersion  = "schema_version"
 	MetadataIdempotencyKey = "idempotency_key"
 	MetadataCorrelationID  = "correlation_id"
+	MetadataReinjectedFrom = "reinjected_from"
 
 	TypeInvoiceRequest    = "InvoiceRequest"
 	TypeAlertNotification = "AlertNotification"

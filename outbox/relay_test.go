@@ -564,11 +564,25 @@ func TestRelayStopsAtFailedPublishAndResumes(t *testing.T) {
 
 	rec.setFail(nil)
 	waitFor(t, waitDeadline, "every message delivered after recovery", func() bool { return len(rec.missing(msgs)) == 0 })
-	if got := rec.deliveries(); !slices.Equal(got, msgs) {
-		t.Fatalf("deliveries %v, want %v (in order, once each)", got, msgs)
+	// At-least-once allows a repeat; the first deliveries are in order.
+	if got := firstDeliveries(rec.deliveries()); !slices.Equal(got, msgs) {
+		t.Fatalf("first deliveries %v, want %v", got, msgs)
 	}
 	last := offsets[msgs[len(msgs)-1]]
 	waitFor(t, waitDeadline, "the relay to ack the last offset", func() bool { return ackedOffset(t, pool) == last })
+}
+
+// firstDeliveries keeps the first delivery of each UUID, in order.
+func firstDeliveries(order []string) []string {
+	seen := map[string]bool{}
+	var out []string
+	for _, u := range order {
+		if !seen[u] {
+			seen[u] = true
+			out = append(out, u)
+		}
+	}
+	return out
 }
 
 // pgTarget is a Postgres target publisher that writes through the relay's

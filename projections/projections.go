@@ -101,6 +101,37 @@ func apply(ctx context.Context, tx Execer, r domain.RecordedEvent) error {
 	case domain.InventoryReleased:
 		return exec1(ctx, tx, `UPDATE inventory SET available=available+$2, allocated=allocated-$2, version=$3, updated_at=$4 WHERE sku=$1`,
 			e.SKU, e.Quantity, r.StreamVersion, at)
+	case domain.DeadLetterEdited:
+		return exec1(ctx, tx, `UPDATE dead_letters SET payload=$2, revision=$3, needs_approval=$4, approved_by=NULL, version=$5, updated_at=$6
+			WHERE id=$1`, e.DeadLetterID, []byte(e.Payload), e.Revision, e.NeedsApproval, r.StreamVersion, at)
+	case domain.DeadLetterApproved:
+		return exec1(ctx, tx, `UPDATE dead_letters SET approved_by=$2, version=$3, updated_at=$4 WHERE id=$1`,
+			e.DeadLetterID, e.Actor, r.StreamVersion, at)
+	case domain.DeadLetterReinjected:
+		return exec1(ctx, tx, `UPDATE dead_letters SET state='reinjected', reinjects=$2, idempotency_key=coalesce($3, idempotency_key),
+			version=$4, updated_at=$5 WHERE id=$1`, e.DeadLetterID, e.Count, nullText(e.IdempotencyKey), r.StreamVersion, at)
+	case domain.DeadLetterDiscarded:
+		return exec1(ctx, tx, `UPDATE dead_letters SET state='discarded', version=$2, updated_at=$3 WHERE id=$1`,
+			e.DeadLetterID, r.StreamVersion, at)
+	case domain.DeadLetterResolved:
+		return exec1(ctx, tx, `UPDATE dead_letters SET state='resolved', version=$2, updated_at=$3 WHERE id=$1`,
+			e.DeadLetterID, r.StreamVersion, at)
+	case domain.DeadLetterReopened:
+		return exec1(ctx, tx, `UPDATE dead_letters SET state='open', reason=$2, error_class=$3, attempts=attempts+$4, last_failure_at=$5,
+			version=$6, updated_at=$7 WHERE id=$1`, e.DeadLetterID, e.Reason, e.ErrorClass, e.Attempts, e.LastFailureAt, r.StreamVersion, at)
+	case domain.AlertAcknowledged:
+		return exec1(ctx, tx, `UPDATE alerts SET state='acknowledged', version=$2, updated_at=$3 WHERE id=$1`, e.AlertID, r.StreamVersion, at)
+	case domain.AlertResolved:
+		return exec1(ctx, tx, `UPDATE alerts SET state='resolved', version=$2, updated_at=$3 WHERE id=$1`, e.AlertID, r.StreamVersion, at)
+	case domain.DealReinstated:
+		return exec1(ctx, tx, `UPDATE deals SET status=$2, version=$3, idempotency_key=$4, invoice_number=NULL, updated_at=$5 WHERE id=$1`,
+			e.DealID, domain.StatusWon, r.StreamVersion, e.IdempotencyKey, at)
+	case domain.InvoiceSagaResumed:
+		return exec1(ctx, tx, `INSERT INTO invoice_sagas (idempotency_key, deal_id, state, version, attempts, started_at, updated_at)
+			VALUES ($1,$2,'pending',$3,0,$4,$4)
+			ON CONFLICT (idempotency_key) DO UPDATE SET state='pending', version=EXCLUDED.version, attempts=0, error_class=NULL,
+				last_error=NULL, first_attempt_at=NULL, last_attempt_at=NULL, next_attempt_at=NULL, invoice_number=NULL, updated_at=EXCLUDED.updated_at`,
+			e.IdempotencyKey, e.DealID, r.StreamVersion, at)
 	default:
 		return fmt.Errorf("no projection for event type %s", r.Event.EventType())
 	}

@@ -19,14 +19,22 @@ import (
 
 // API serves the HTTP endpoints.
 type API struct {
-	store  *postgres.Store
-	pool   *pgxpool.Pool
-	logger *slog.Logger
+	store   *postgres.Store
+	pool    *pgxpool.Pool
+	logger  *slog.Logger
+	baseCtx context.Context // outlives requests: background work (bulk re-injects)
 }
 
 // New returns the API over store.
 func New(store *postgres.Store, logger *slog.Logger) *API {
-	return &API{store: store, pool: store.Pool(), logger: logger}
+	return &API{store: store, pool: store.Pool(), logger: logger, baseCtx: context.Background()}
+}
+
+// WithContext sets the context background work runs under (cancelled at
+// shutdown).
+func (a *API) WithContext(ctx context.Context) *API {
+	a.baseCtx = ctx
+	return a
 }
 
 // Handler returns the HTTP handler with every route.
@@ -37,6 +45,7 @@ func (a *API) Handler() http.Handler {
 	mux.HandleFunc("POST /api/v1/deals/{id}/close", a.closeDeal)
 	mux.HandleFunc("PUT /api/v1/inventory/{sku}", a.setInventory)
 	mux.HandleFunc("GET /api/v1/inventory/{sku}", a.getInventory)
+	a.opsRoutes(mux)
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) { writeJSON(w, 200, map[string]string{"status": "ok"}) })
 	mux.HandleFunc("GET /readyz", a.ready)
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {

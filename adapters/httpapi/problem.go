@@ -62,6 +62,18 @@ func problemFor(err error) Problem {
 	case errors.As(err, &terr):
 		return Problem{Status: http.StatusConflict, Title: "Illegal transition", Detail: terr.Error(), Field: "status",
 			Type: "https://dealbridge.dev/problems/illegal-transition"}
+	case errors.Is(err, domain.ErrSelfApproval):
+		return Problem{Status: http.StatusForbidden, Title: "Self-approval refused", Detail: err.Error(), Field: "actor",
+			Type: "https://dealbridge.dev/problems/self-approval"}
+	case errors.Is(err, domain.ErrApprovalRequired):
+		return Problem{Status: http.StatusConflict, Title: "Approval required", Detail: err.Error(),
+			Type: "https://dealbridge.dev/problems/approval-required"}
+	case errors.Is(err, domain.ErrReinjectLimit):
+		return Problem{Status: http.StatusConflict, Title: "Re-inject limit reached", Detail: err.Error(),
+			Type: "https://dealbridge.dev/problems/reinject-limit"}
+	case errors.Is(err, domain.ErrStateConflict):
+		return Problem{Status: http.StatusConflict, Title: "State conflict", Detail: err.Error(), Field: "state",
+			Type: "https://dealbridge.dev/problems/state-conflict"}
 	case errors.Is(err, domain.ErrVersionConflict):
 		return Problem{Status: http.StatusConflict, Title: "Version conflict", Detail: err.Error(), Field: "version",
 			Type: "https://dealbridge.dev/problems/version-conflict"}

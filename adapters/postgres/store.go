@@ -278,7 +278,8 @@ func (s *Store) RecordInvoice(ctx context.Context, dealID, key, number string, m
 			return err
 		}
 		recorded = true
-		return nil
+		// A re-injected dead letter of this saga is resolved by its success.
+		return resolveReinjectedTx(ctx, tx, dealID, key, number, meta)
 	})
 	if err != nil {
 		return false, fmt.Errorf("cannot record invoice for deal %s: %w", dealID, err)
@@ -328,7 +329,21 @@ func (s *Store) Saga(ctx context.Context, key string) (SagaView, bool, error) {
 // recorder makes this fail with a version conflict, and the caller retries.
 func (s *Store) RecordAttemptFailure(ctx context.Context, ev domain.InvoiceAttemptFailed, expectedVersion int, meta domain.Metadata) error {
 	err := s.unit(ctx, func(tx pgx.Tx) error {
-		_, err := appendAndProject(ctx, tx, meta, domain.Change{
+		// A concurrent delivery may have ended the saga (invoice recorded,
+		// or compensated) while this attempt ran: InvoiceCreated lives on the
+		// deal stream, so the version check cannot see it. The failure is
+		// moot then; projecting it would move a finished saga back to
+		// retrying.
+		var state string
+		err := tx.QueryRow(ctx, `SELECT state FROM invoice_sagas WHERE idempotency_key=$1 FOR UPDATE`, ev.IdempotencyKey).Scan(&state)
+		if err != nil && !errors.Is(err, pgx.ErrNoRows) {
+			return fmt.Errorf("cannot lock saga %s: %w", ev.IdempotencyKey, err)
+		}
+		switch state {
+		case domain.SagaInvoiced, domain.SagaCompensated, "failed":
+			return nil
+		}
+		_, err = appendAndProject(ctx, tx, meta, domain.Change{
 			StreamID: domain.SagaStream(ev.IdempotencyKey), ExpectedVersion: expectedVersion, Events: []domain.Event{ev},
 		})
 		return err
@@ -417,7 +432,25 @@ func (s *Store) Compensate(ctx context.Context, req domain.InvoiceRequest, f Fai
 		}
 		res.DeadLetterID = watermill.NewUUID()
 		res.AlertID = watermill.NewUUID()
-		dl := deadLetterEvent(res.DeadLetterID, req.DealID, req.IdempotencyKey, f, src)
+		var dlChange domain.Change
+		// A re-injected entry that fails again is reopened, so its history
+		// (revisions, re-injects, attempts) stays in one place.
+		var prevID string
+		var prevVersion int
+		err = tx.QueryRow(ctx, `SELECT id::text, version FROM dead_letters WHERE idempotency_key=$1 AND state='reinjected' FOR UPDATE`,
+			req.IdempotencyKey).Scan(&prevID, &prevVersion)
+		switch {
+		case err == nil:
+			res.DeadLetterID = prevID
+			dlChange = domain.Change{StreamID: domain.DeadLetterStream(prevID), ExpectedVersion: prevVersion,
+				Events: []domain.Event{domain.DeadLetterReopened{DeadLetterID: prevID, Reason: f.Reason, ErrorClass: f.ErrorClass,
+					Attempts: f.Attempts, LastFailureAt: f.LastFailureAt.UTC()}}}
+		case errors.Is(err, pgx.ErrNoRows):
+			dlChange = domain.Change{StreamID: domain.DeadLetterStream(res.DeadLetterID),
+				Events: []domain.Event{deadLetterEvent(res.DeadLetterID, req.DealID, req.IdempotencyKey, f, src)}}
+		default:
+			return fmt.Errorf("cannot look for a re-injected dead letter: %w", err)
+		}
 		alert := domain.AlertRaised{
 			AlertID: res.AlertID, Kind: domain.AlertKindInvoiceFailed, Severity: domain.SeverityCritical,
 			DealID: req.DealID, IdempotencyKey: req.IdempotencyKey, DeadLetterID: res.DeadLetterID,
@@ -427,8 +460,7 @@ func (s *Store) Compensate(ctx context.Context, req domain.InvoiceRequest, f Fai
 		changes := append([]domain.Change{{StreamID: domain.SagaStream(req.IdempotencyKey), ExpectedVersion: sagaVersion,
 			Events: []domain.Event{domain.InvoiceFailed{DealID: req.DealID, IdempotencyKey: req.IdempotencyKey,
 				ErrorClass: domain.ErrorClass(f.ErrorClass), Reason: f.Reason, Attempts: f.Attempts}}}}, revert...)
-		changes = append(changes,
-			domain.Change{StreamID: domain.DeadLetterStream(res.DeadLetterID), Events: []domain.Event{dl}},
+		changes = append(changes, dlChange,
 			domain.Change{StreamID: domain.AlertStream(res.AlertID), Events: []domain.Event{alert}})
 		if _, err := appendAndProject(ctx, tx, meta, changes...); err != nil {
 			return err

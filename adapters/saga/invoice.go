@@ -111,24 +111,7 @@ func Decode(msg *message.Message) (domain.InvoiceRequest, error) {
 
 // Validate checks an invoice request against its schema; errors name the
 // field.
-func Validate(req domain.InvoiceRequest) error {
-	if req.DealID == "" {
-		return &domain.ValidationError{Field: "deal_id", Reason: "is required"}
-	}
-	if req.IdempotencyKey != domain.IdempotencyKey(req.DealID, req.CloseVersion) {
-		return &domain.ValidationError{Field: "idempotency_key", Reason: "must be deal_id:close_version"}
-	}
-	// The deal rules (customer, currency, lines, amounts) are the ones a new
-	// deal is held to.
-	_, ch, err := domain.NewDeal(req.DealID, req.Customer, req.Currency, req.Lines)
-	if err != nil {
-		return err
-	}
-	if total := ch.Events[0].(domain.DealCreated).Total; total != req.Total {
-		return &domain.ValidationError{Field: "total", Reason: fmt.Sprintf("is %s but the lines add up to %s", req.Total, total)}
-	}
-	return nil
-}
+func Validate(req domain.InvoiceRequest) error { return domain.ValidateInvoiceRequest(req) }
 
 // Handle processes one invoice request. A nil return acks the message; an
 // error nacks it, with the delay set on the message (queue.SetNackDelay).
@@ -155,6 +138,18 @@ func (h *InvoiceHandler) Handle(msg *message.Message) error {
 	case domain.SagaInvoiced, domain.SagaCompensated, "failed":
 		log.DebugContext(ctx, "saga already ended; redelivery acknowledged", "state", saga.State)
 		return nil
+	}
+	// A Retry-After holds whatever the transport does: a delivery before
+	// the recorded next_attempt_at of a rate-limited attempt (the handler
+	// died between recording the failure and the nack, so the message came
+	// back at lease expiry; or the nack failed) waits for it. (An early
+	// retry after a plain backoff is within what full jitter allows.)
+	if saga.NextAttemptAt != nil && saga.ErrorClass != nil && *saga.ErrorClass == string(domain.ErrorRateLimited) {
+		if wait := saga.NextAttemptAt.Sub(h.cfg.Now()); wait > 0 {
+			queue.SetNackDelay(msg, wait)
+			queue.SetNackReason(msg, "next attempt not due yet")
+			return fmt.Errorf("deal %s: attempt %d not due until %s", req.DealID, saga.Attempts+1, saga.NextAttemptAt.UTC().Format(time.RFC3339Nano))
+		}
 	}
 	meta := domain.Metadata{
 		CorrelationID: msg.Metadata.Get(outbox.MetadataCorrelationID), CausationID: msg.UUID, Actor: HandlerName,

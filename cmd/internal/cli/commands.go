@@ -10,10 +10,11 @@ import (
 	"time"
 
 	"github.com/dealbridge/dealbridge/adapters/erp"
+	"github.com/dealbridge/dealbridge/adapters/postgres"
 	"github.com/dealbridge/dealbridge/domain"
 
 	"github.com/dealbridge/dealbridge/adapters/erp/erpsim"
-	"github.com/dealbridge/dealbridge/cmd/internal/app"
+	"github.com/dealbridge/dealbridge/cmd/app"
 	"github.com/dealbridge/dealbridge/migrations"
 )
 
@@ -32,8 +33,13 @@ func runAPI(ctx context.Context, env Env, args []string) error {
 	f := newFlags(env, "api", "api [flags]")
 	c.register(f)
 	f.string(&listen, "listen", "DEALBRIDGE_LISTEN", "127.0.0.1:8080", "address of the HTTP API")
+	var mc string
+	f.string(&mc, "maker-checker", "DEALBRIDGE_MAKER_CHECKER", "", "on or off: money edits of dead letters need a second operator (empty: leave the stored setting)")
 	if err := f.parse(args); err != nil {
 		return err
+	}
+	if mc != "" && mc != "on" && mc != "off" {
+		return &usageError{msg: "--maker-checker must be on or off"}
 	}
 	logger, err := setup(ctx, env, &c, "api")
 	if err != nil {
@@ -44,6 +50,11 @@ func runAPI(ctx context.Context, env Env, args []string) error {
 		return err
 	}
 	defer pool.Close()
+	if mc != "" {
+		if err := postgres.NewStore(pool).SetMakerChecker(ctx, mc == "on"); err != nil {
+			return err
+		}
+	}
 	ln, err := net.Listen("tcp", listen)
 	if err != nil {
 		return fmt.Errorf("cannot listen on %s: %w", listen, err)

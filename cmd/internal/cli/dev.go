@@ -16,7 +16,7 @@ import (
 	"github.com/dealbridge/dealbridge/adapters/erp/erpsim"
 	"github.com/dealbridge/dealbridge/adapters/postgres"
 	"github.com/dealbridge/dealbridge/adapters/postgres/pgcluster"
-	"github.com/dealbridge/dealbridge/cmd/internal/app"
+	"github.com/dealbridge/dealbridge/cmd/app"
 	"github.com/dealbridge/dealbridge/domain"
 	"github.com/dealbridge/dealbridge/migrations"
 )
@@ -32,12 +32,14 @@ func runDev(ctx context.Context, env Env, args []string) error {
 		sim       erpsim.Config
 		noSeed    bool
 		chaos     bool
+		mc        bool
 	)
 	f := newFlags(env, "dev", "dev [flags]")
 	c.register(f)
 	f.string(&listen, "listen", "DEALBRIDGE_LISTEN", "127.0.0.1:8080", "address of the HTTP API")
 	f.string(&simListen, "erp-sim-listen", "DEALBRIDGE_ERP_SIM_LISTEN", "127.0.0.1:8081", "address of the simulated ERP")
 	f.string(&dataDir, "data-dir", "DEALBRIDGE_DATA_DIR", ".dealbridge", "where the embedded Postgres and the ERP simulator keep their data")
+	f.BoolVar(&mc, "maker-checker", true, "money edits of dead letters need a second operator's approval")
 	f.BoolVar(&noSeed, "no-seed", false, "do not seed demo data into an empty database")
 	f.BoolVar(&chaos, "chaos", false, "turn on an ERP fault plan (5xx, 429, lost responses, hangs; customer C-REJECT always rejected) to watch retries, compensation and dead letters")
 	r.register(f)
@@ -104,6 +106,9 @@ func runDev(ctx context.Context, env Env, args []string) error {
 	}
 	defer pool.Close()
 	if err := migrations.Up(ctx, pool); err != nil {
+		return err
+	}
+	if err := postgres.NewStore(pool).SetMakerChecker(ctx, mc); err != nil {
 		return err
 	}
 	if !noSeed {

@@ -162,6 +162,9 @@ func RunHandlerWithPort(ctx context.Context, pool *pgxpool.Pool, port erp.Port, 
 	if err != nil {
 		return err
 	}
+	// A router stopped through its context does not close its subscribers,
+	// and a subscriber's LISTEN connection lives until Close.
+	defer sub.Close()
 	router, err := message.NewRouter(message.RouterConfig{CloseTimeout: 15 * time.Second}, wlog)
 	if err != nil {
 		return fmt.Errorf("cannot create router: %w", err)
@@ -188,6 +191,7 @@ func RunHandlerWithPort(ctx context.Context, pool *pgxpool.Pool, port erp.Port, 
 		if err != nil {
 			return err
 		}
+		defer wsub.Close()
 		router.AddConsumerHandler(webhook.HandlerName, outbox.AlertTopic, wsub, sender.Handle)
 	}
 	if err := router.Run(ctx); err != nil {

@@ -1,0 +1,506 @@
+package postgres
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/ThreeDotsLabs/watermill"
+	"github.com/ThreeDotsLabs/watermill/message"
+	"github.com/jackc/pgx/v5"
+
+	"github.com/dealbridge/dealbridge/adapters/queue"
+	"github.com/dealbridge/dealbridge/domain"
+	"github.com/dealbridge/dealbridge/outbox"
+)
+
+// Actor is who performs an operator action, as the audit log records it.
+type Actor struct {
+	Name      string
+	Role      string
+	RequestID string
+}
+
+func (a Actor) meta() domain.Metadata {
+	return domain.Metadata{CorrelationID: a.RequestID, Actor: a.Name}
+}
+
+// reinjectableTopics is the allowlist of topics a dead letter may be
+// re-injected into; the topic comes from the stored entry, never from the
+// request.
+var reinjectableTopics = map[string]bool{outbox.InvoiceTopic: true}
+
+// DefaultMaxReinjects is the loop guard: how often one entry may be
+// re-injected.
+const DefaultMaxReinjects = 5
+
+// AuditEntry is one row of the audit log.
+type AuditEntry struct {
+	ID          int64           `json:"id"`
+	At          time.Time       `json:"at"`
+	Actor       string          `json:"actor"`
+	Role        string          `json:"role"`
+	Action      string          `json:"action"`
+	TargetType  string          `json:"target_type"`
+	TargetID    string          `json:"target_id"`
+	Reason      string          `json:"reason"`
+	BeforeHash  *string         `json:"before_hash"`
+	AfterHash   *string         `json:"after_hash"`
+	Diff        json.RawMessage `json:"diff,omitempty"`
+	RequestID   *string         `json:"request_id"`
+	OperationID *string         `json:"operation_id"`
+}
+
+func hashOf(b []byte) *string {
+	if b == nil {
+		return nil
+	}
+	h := sha256.Sum256(b)
+	s := hex.EncodeToString(h[:])
+	return &s
+}
+
+// auditTx appends an audit row through tx: the action and its record commit
+// together or not at all (invariant I7).
+func auditTx(ctx context.Context, tx pgx.Tx, a Actor, action, targetType, targetID, reason string, before, after []byte, diff json.RawMessage, opID string) error {
+	var op, req any
+	if opID != "" {
+		op = opID
+	}
+	if a.RequestID != "" {
+		req = a.RequestID
+	}
+	var d any
+	if len(diff) > 0 {
+		d = []byte(diff)
+	}
+	_, err := tx.Exec(ctx, `INSERT INTO audit_log (actor, role, action, target_type, target_id, reason, before_hash, after_hash, diff, request_id, operation_id)
+		VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11)`,
+		a.Name, a.Role, action, targetType, targetID, reason, hashOf(before), hashOf(after), d, req, op)
+	if err != nil {
+		return fmt.Errorf("cannot write audit log: %w", err)
+	}
+	return nil
+}
+
+// loadDeadLetterForUpdate locks the entry's row (the state guard: concurrent
+// actions on one entry run one after the other) and folds its stream.
+func loadDeadLetterForUpdate(ctx context.Context, tx pgx.Tx, id string) (*domain.DeadLetter, error) {
+	if !validUUID(id) {
+		return nil, fmt.Errorf("dead letter %q: %w", id, domain.ErrNotFound)
+	}
+	var one int
+	err := tx.QueryRow(ctx, `SELECT 1 FROM dead_letters WHERE id=$1 FOR UPDATE`, id).Scan(&one)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return nil, fmt.Errorf("dead letter %s: %w", id, domain.ErrNotFound)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("cannot lock dead letter %s: %w", id, err)
+	}
+	recs, err := LoadStream(ctx, tx, domain.DeadLetterStream(id))
+	if err != nil {
+		return nil, err
+	}
+	evs := make([]domain.Event, len(recs))
+	for i, r := range recs {
+		evs[i] = r.Event
+	}
+	return domain.RehydrateDeadLetter(evs)
+}
+
+// MakerChecker reports whether money edits need a second operator.
+func (s *Store) MakerChecker(ctx context.Context) (bool, error) {
+	var v string
+	err := s.pool.QueryRow(ctx, `SELECT value FROM settings WHERE key='maker_checker'`).Scan(&v)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return false, nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("cannot read settings: %w", err)
+	}
+	return v == "true", nil
+}
+
+// SetMakerChecker turns the maker-checker rule on or off for every process.
+func (s *Store) SetMakerChecker(ctx context.Context, on bool) error {
+	_, err := s.pool.Exec(ctx, `INSERT INTO settings (key, value) VALUES ('maker_checker', $1)
+		ON CONFLICT (key) DO UPDATE SET value=EXCLUDED.value`, strconv.FormatBool(on))
+	if err != nil {
+		return fmt.Errorf("cannot write settings: %w", err)
+	}
+	return nil
+}
+
+// ValidatePayload checks a payload against the schema of its topic; errors
+// are *domain.ValidationError naming the field.
+func ValidatePayload(topic string, payload []byte) (domain.InvoiceRequest, error) {
+	var req domain.InvoiceRequest
+	if topic != outbox.InvoiceTopic {
+		return req, &domain.ValidationError{Field: "topic", Reason: fmt.Sprintf("messages of topic %q cannot be edited or re-injected; discard them", topic)}
+	}
+	dec := json.NewDecoder(bytes.NewReader(payload))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&req); err != nil {
+		var te *json.UnmarshalTypeError
+		if errors.As(err, &te) {
+			return req, &domain.ValidationError{Field: te.Field, Reason: "has the wrong type: " + err.Error()}
+		}
+		if f, ok := strings.CutPrefix(err.Error(), "json: unknown field "); ok {
+			return req, &domain.ValidationError{Field: strings.Trim(f, `"`), Reason: "is not a field of an invoice request"}
+		}
+		return req, &domain.ValidationError{Field: "payload", Reason: err.Error()}
+	}
+	if dec.More() {
+		return req, &domain.ValidationError{Field: "payload", Reason: "must hold exactly one JSON object"}
+	}
+	return req, domain.ValidateInvoiceRequest(req)
+}
+
+// EditDeadLetter stores payload as a new revision of the entry, validated
+// against its topic's schema, with a reason; the edit and its audit row
+// commit together.
+func (s *Store) EditDeadLetter(ctx context.Context, id string, payload []byte, reason string, a Actor) (domain.Revision, error) {
+	mc, err := s.MakerChecker(ctx)
+	if err != nil {
+		return domain.Revision{}, err
+	}
+	var rev domain.Revision
+	err = s.unit(ctx, func(tx pgx.Tx) error {
+		dl, err := loadDeadLetterForUpdate(ctx, tx, id)
+		if err != nil {
+			return err
+		}
+		before := dl.Latest().Payload
+		change, err := dl.Edit(payload, reason, a.Name, mc, func(p []byte) error {
+			req, err := ValidatePayload(dl.Topic, p)
+			if err != nil {
+				return err
+			}
+			// The saga identity cannot be edited: it ties the entry to its deal.
+			if dl.DealID != "" && req.DealID != dl.DealID {
+				return &domain.ValidationError{Field: "deal_id", Reason: "cannot be changed (it is " + dl.DealID + ")"}
+			}
+			if dl.Key != "" && req.IdempotencyKey != dl.Key {
+				return &domain.ValidationError{Field: "idempotency_key", Reason: "cannot be changed; re-inject with a new key instead"}
+			}
+			return nil
+		})
+		if err != nil {
+			return err
+		}
+		if _, err := appendAndProject(ctx, tx, a.meta(), change); err != nil {
+			return err
+		}
+		ev := change.Events[0].(domain.DeadLetterEdited)
+		rev = domain.Revision{Number: ev.Revision, Payload: ev.Payload, Patch: ev.Patch, Reason: ev.Reason, Actor: ev.Actor,
+			MoneyChanged: ev.MoneyChanged, NeedsApproval: ev.NeedsApproval}
+		return auditTx(ctx, tx, a, "dead_letter.edit", "dead_letter", id, reason, before, ev.Payload, ev.Patch, "")
+	})
+	if err != nil {
+		return domain.Revision{}, fmt.Errorf("cannot edit dead letter %s: %w", id, err)
+	}
+	return rev, nil
+}
+
+// ApproveDeadLetter approves the latest revision (maker-checker).
+func (s *Store) ApproveDeadLetter(ctx context.Context, id string, a Actor) error {
+	err := s.unit(ctx, func(tx pgx.Tx) error {
+		dl, err := loadDeadLetterForUpdate(ctx, tx, id)
+		if err != nil {
+			return err
+		}
+		change, err := dl.Approve(a.Name)
+		if err != nil {
+			return err
+		}
+		if _, err := appendAndProject(ctx, tx, a.meta(), change); err != nil {
+			return err
+		}
+		p := dl.Latest().Payload
+		return auditTx(ctx, tx, a, "dead_letter.approve", "dead_letter", id, fmt.Sprintf("revision %d", dl.Latest().Number), p, p, nil, "")
+	})
+	if err != nil {
+		return fmt.Errorf("cannot approve dead letter %s: %w", id, err)
+	}
+	return nil
+}
+
+// DiscardDeadLetter gives up on an entry, with a reason.
+func (s *Store) DiscardDeadLetter(ctx context.Context, id, reason string, a Actor) error {
+	err := s.unit(ctx, func(tx pgx.Tx) error {
+		dl, err := loadDeadLetterForUpdate(ctx, tx, id)
+		if err != nil {
+			return err
+		}
+		change, err := dl.Discard(a.Name, reason)
+		if err != nil {
+			return err
+		}
+		if _, err := appendAndProject(ctx, tx, a.meta(), change); err != nil {
+			return err
+		}
+		return auditTx(ctx, tx, a, "dead_letter.discard", "dead_letter", id, reason, dl.Latest().Payload, nil, nil, "")
+	})
+	if err != nil {
+		return fmt.Errorf("cannot discard dead letter %s: %w", id, err)
+	}
+	return nil
+}
+
+// ReinjectOptions configures a re-inject.
+type ReinjectOptions struct {
+	Reason string
+	// NewKey re-injects under a new idempotency key (recorded); by default
+	// the saga resumes with the same K.
+	NewKey bool
+	// OperationID ties the action to a bulk operation.
+	OperationID string
+	// MaxReinjects is the loop guard; 0 means DefaultMaxReinjects.
+	MaxReinjects int
+}
+
+// ReinjectResult says what a re-inject did.
+type ReinjectResult struct {
+	DeadLetterID   string `json:"dead_letter_id"`
+	DealID         string `json:"deal_id"`
+	IdempotencyKey string `json:"idempotency_key"`
+	NewKey         bool   `json:"new_key"`
+	Revision       int    `json:"revision"`
+	Count          int    `json:"count"`
+	MessageUUID    string `json:"message_uuid"`
+}
+
+// ReinjectDeadLetter republishes the entry's latest revision through the
+// outbox in ONE transaction: the state guard (only an open entry can be
+// re-injected, under a row lock, so of two concurrent re-injects one wins
+// and the other gets domain.ErrStateConflict), the deal reinstated from
+// reverted to won with its inventory allocated again, the saga resumed with
+// a fresh retry budget, the outbox message, and the audit row.
+func (s *Store) ReinjectDeadLetter(ctx context.Context, id string, opt ReinjectOptions, a Actor) (ReinjectResult, error) {
+	var res ReinjectResult
+	err := s.unit(ctx, func(tx pgx.Tx) error {
+		var err error
+		res, err = s.reinjectTx(ctx, tx, id, opt, a)
+		return err
+	})
+	var se *domain.StateError
+	if errors.As(err, &se) {
+		return ReinjectResult{}, err // already names the entry and the action
+	}
+	if err != nil {
+		return ReinjectResult{}, fmt.Errorf("cannot re-inject dead letter %s: %w", id, err)
+	}
+	return res, nil
+}
+
+func (s *Store) reinjectTx(ctx context.Context, tx pgx.Tx, id string, opt ReinjectOptions, a Actor) (ReinjectResult, error) {
+	dl, err := loadDeadLetterForUpdate(ctx, tx, id)
+	if err != nil {
+		return ReinjectResult{}, err
+	}
+	if dl.State != domain.DLStateOpen {
+		return ReinjectResult{}, &domain.StateError{ID: id, State: dl.State, Action: "re-inject", Err: domain.ErrStateConflict}
+	}
+	if !reinjectableTopics[dl.Topic] {
+		return ReinjectResult{}, &domain.ValidationError{Field: "topic",
+			Reason: fmt.Sprintf("messages of topic %q cannot be re-injected; discard them", dl.Topic)}
+	}
+	rev := dl.Latest()
+	req, err := ValidatePayload(dl.Topic, rev.Payload)
+	if err != nil {
+		return ReinjectResult{}, fmt.Errorf("revision %d is not valid; edit it first: %w", rev.Number, err)
+	}
+	d, err := loadDealForUpdate(ctx, tx, req.DealID)
+	if err != nil {
+		return ReinjectResult{}, fmt.Errorf("deal %s: %w", req.DealID, err)
+	}
+	key := req.IdempotencyKey
+	if opt.NewKey {
+		key = fmt.Sprintf("%s:r%d", domain.IdempotencyKey(req.DealID, req.CloseVersion), dl.Reinjects+1)
+	}
+	maxRe := opt.MaxReinjects
+	if maxRe == 0 {
+		maxRe = DefaultMaxReinjects
+	}
+	change, err := dl.Reinject(a.Name, opt.Reason, key, opt.NewKey, opt.OperationID, maxRe)
+	if err != nil {
+		return ReinjectResult{}, err
+	}
+	changes := []domain.Change{change}
+	var sagaVersion int
+	switch {
+	case d.Status() == domain.StatusReverted && d.InvoiceKey() == req.IdempotencyKey:
+		stock := map[string]domain.Stock{}
+		for _, q := range d.Quantities() {
+			st, err := lockStock(ctx, tx, q.SKU)
+			if err != nil {
+				return ReinjectResult{}, err
+			}
+			stock[q.SKU] = st
+		}
+		reinstate, err := d.Reinstate(key, opt.Reason, stock)
+		if err != nil {
+			return ReinjectResult{}, err
+		}
+		changes = append(changes, reinstate...)
+		if !opt.NewKey {
+			if err := tx.QueryRow(ctx, `SELECT version FROM invoice_sagas WHERE idempotency_key=$1 FOR UPDATE`, key).Scan(&sagaVersion); err != nil &&
+				!errors.Is(err, pgx.ErrNoRows) {
+				return ReinjectResult{}, fmt.Errorf("cannot lock saga %s: %w", key, err)
+			}
+		}
+		changes = append(changes, domain.Change{StreamID: domain.SagaStream(key), ExpectedVersion: sagaVersion,
+			Events: []domain.Event{domain.InvoiceSagaResumed{DealID: req.DealID, IdempotencyKey: key, DeadLetterID: id, OperationID: opt.OperationID}}})
+	case d.Status() == domain.StatusWon && d.InvoiceKey() == req.IdempotencyKey && !opt.NewKey:
+		// The saga never ended (a poison copy of its message, say): the
+		// fixed message simply joins it.
+	default:
+		return ReinjectResult{}, &domain.StateError{ID: id, State: "for a deal that is " + string(d.Status()) +
+			" (key " + d.InvoiceKey() + ")", Action: "re-inject", Err: domain.ErrStateConflict}
+	}
+	if _, err := appendAndProject(ctx, tx, a.meta(), changes...); err != nil {
+		return ReinjectResult{}, err
+	}
+	req.IdempotencyKey = key
+	payload, err := json.Marshal(req)
+	if err != nil {
+		return ReinjectResult{}, fmt.Errorf("cannot encode invoice request: %w", err)
+	}
+	m := message.NewMessage(watermill.NewUUID(), payload)
+	m.Metadata.Set(outbox.MetadataType, outbox.TypeInvoiceRequest)
+	m.Metadata.Set(outbox.MetadataSchemaVersion, "1")
+	m.Metadata.Set(outbox.MetadataIdempotencyKey, key)
+	m.Metadata.Set(outbox.MetadataReinjectedFrom, id)
+	if a.RequestID != "" {
+		m.Metadata.Set(outbox.MetadataCorrelationID, a.RequestID)
+	}
+	queue.SetOrderingKey(m, req.DealID)
+	if err := outbox.PublishTx(ctx, tx, dl.Topic, m); err != nil {
+		return ReinjectResult{}, err
+	}
+	ev := change.Events[0].(domain.DeadLetterReinjected)
+	reason := opt.Reason
+	if opt.NewKey {
+		reason += " (new idempotency key " + key + ")"
+	}
+	if err := auditTx(ctx, tx, a, "dead_letter.reinject", "dead_letter", id, reason, rev.Payload, payload, nil, opt.OperationID); err != nil {
+		return ReinjectResult{}, err
+	}
+	return ReinjectResult{DeadLetterID: id, DealID: req.DealID, IdempotencyKey: key, NewKey: opt.NewKey,
+		Revision: rev.Number, Count: ev.Count, MessageUUID: m.UUID}, nil
+}
+
+// resolveReinjectedTx closes what a successful re-injected saga leaves
+// open: the dead letter (resolved) and its alerts (resolved). It runs in the
+// transaction that records the invoice.
+func resolveReinjectedTx(ctx context.Context, tx pgx.Tx, dealID, key, invoiceNumber string, meta domain.Metadata) error {
+	rows, err := tx.Query(ctx, `SELECT id::text, version FROM dead_letters WHERE deal_id=$1 AND idempotency_key=$2 AND state='reinjected' FOR UPDATE`, dealID, key)
+	if err != nil {
+		return fmt.Errorf("cannot find re-injected dead letters: %w", err)
+	}
+	type dv struct {
+		id string
+		v  int
+	}
+	dls, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (dv, error) {
+		var x dv
+		return x, r.Scan(&x.id, &x.v)
+	})
+	if err != nil {
+		return fmt.Errorf("cannot read re-injected dead letters: %w", err)
+	}
+	for _, d := range dls {
+		if _, err := appendAndProject(ctx, tx, meta, domain.Change{StreamID: domain.DeadLetterStream(d.id), ExpectedVersion: d.v,
+			Events: []domain.Event{domain.DeadLetterResolved{DeadLetterID: d.id, InvoiceNumber: invoiceNumber}}}); err != nil {
+			return err
+		}
+		if err := resolveAlertsTx(ctx, tx, `dead_letter_id=$1`, d.id, "the re-injected invoice request succeeded: "+invoiceNumber, meta); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func resolveAlertsTx(ctx context.Context, tx pgx.Tx, where, arg, reason string, meta domain.Metadata) error {
+	rows, err := tx.Query(ctx, `SELECT id::text, version FROM alerts WHERE state <> 'resolved' AND `+where+` FOR UPDATE`, arg)
+	if err != nil {
+		return fmt.Errorf("cannot find alerts: %w", err)
+	}
+	type av struct {
+		id string
+		v  int
+	}
+	as, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (av, error) {
+		var x av
+		return x, r.Scan(&x.id, &x.v)
+	})
+	if err != nil {
+		return fmt.Errorf("cannot read alerts: %w", err)
+	}
+	for _, x := range as {
+		if _, err := appendAndProject(ctx, tx, meta, domain.Change{StreamID: domain.AlertStream(x.id), ExpectedVersion: x.v,
+			Events: []domain.Event{domain.AlertResolved{AlertID: x.id, Actor: meta.Actor, Reason: reason}}}); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// AcknowledgeAlert marks an open alert as seen.
+func (s *Store) AcknowledgeAlert(ctx context.Context, id string, a Actor) error {
+	return s.alertAction(ctx, id, a, "alert.acknowledge", "", func(state string, v int) (domain.Change, error) {
+		if state != "open" {
+			return domain.Change{}, &domain.StateError{ID: id, State: state, Action: "acknowledge", Err: domain.ErrStateConflict}
+		}
+		return domain.Change{StreamID: domain.AlertStream(id), ExpectedVersion: v,
+			Events: []domain.Event{domain.AlertAcknowledged{AlertID: id, Actor: a.Name}}}, nil
+	})
+}
+
+// ResolveAlert closes an alert, with a reason.
+func (s *Store) ResolveAlert(ctx context.Context, id, reason string, a Actor) error {
+	if strings.TrimSpace(reason) == "" {
+		return &domain.ValidationError{Field: "reason", Reason: "is required"}
+	}
+	return s.alertAction(ctx, id, a, "alert.resolve", reason, func(state string, v int) (domain.Change, error) {
+		if state == "resolved" {
+			return domain.Change{}, &domain.StateError{ID: id, State: state, Action: "resolve", Err: domain.ErrStateConflict}
+		}
+		return domain.Change{StreamID: domain.AlertStream(id), ExpectedVersion: v,
+			Events: []domain.Event{domain.AlertResolved{AlertID: id, Actor: a.Name, Reason: reason}}}, nil
+	})
+}
+
+func (s *Store) alertAction(ctx context.Context, id string, a Actor, action, reason string, fn func(state string, v int) (domain.Change, error)) error {
+	if !validUUID(id) {
+		return fmt.Errorf("alert %q: %w", id, domain.ErrNotFound)
+	}
+	return s.unit(ctx, func(tx pgx.Tx) error {
+		var (
+			state string
+			v     int
+		)
+		err := tx.QueryRow(ctx, `SELECT state, version FROM alerts WHERE id=$1 FOR UPDATE`, id).Scan(&state, &v)
+		if errors.Is(err, pgx.ErrNoRows) {
+			return fmt.Errorf("alert %s: %w", id, domain.ErrNotFound)
+		}
+		if err != nil {
+			return fmt.Errorf("cannot lock alert %s: %w", id, err)
+		}
+		change, err := fn(state, v)
+		if err != nil {
+			return err
+		}
+		if _, err := appendAndProject(ctx, tx, a.meta(), change); err != nil {
+			return err
+		}
+		return auditTx(ctx, tx, a, action, "alert", id, reason, []byte(state), []byte(change.Events[0].EventType()), nil, "")
+	})
+}
