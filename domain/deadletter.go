@@ -231,6 +231,18 @@ func (d *DeadLetter) Apply(e Event) {
 // Latest returns the latest revision.
 func (d *DeadLetter) Latest() Revision { return d.Revisions[len(d.Revisions)-1] }
 
+// accepted returns the index of the latest revision whose money fields are
+// accepted: one that needed no approval or was approved (revision 0, the
+// payload as it failed, always is).
+func (d *DeadLetter) accepted() int {
+	for i := len(d.Revisions) - 1; i > 0; i-- {
+		if r := d.Revisions[i]; !r.NeedsApproval || r.ApprovedBy != "" {
+			return i
+		}
+	}
+	return 0
+}
+
 func (d *DeadLetter) refuse(action string, err error) error {
 	return &StateError{ID: d.ID, State: d.State, Action: action, Err: err}
 }
@@ -261,18 +273,30 @@ func (d *DeadLetter) Edit(payload []byte, reason, actor string, makerChecker boo
 	if err != nil {
 		return Change{}, invalid("payload", "%v", err)
 	}
-	patch, err := jsondiff.CompareJSON(d.Revisions[0].Payload, canon)
-	if err != nil {
-		return Change{}, fmt.Errorf("cannot diff the payload: %w", err)
+	var pb json.RawMessage
+	if json.Valid(d.Revisions[0].Payload) {
+		patch, err := jsondiff.CompareJSON(d.Revisions[0].Payload, canon)
+		if err != nil {
+			return Change{}, fmt.Errorf("cannot diff the payload: %w", err)
+		}
+		if pb, err = json.Marshal(patch); err != nil {
+			return Change{}, fmt.Errorf("cannot encode the patch: %w", err)
+		}
+		if patch == nil {
+			pb = json.RawMessage("[]")
+		}
+	} else {
+		// The original was not JSON (a poison message): the patch replaces
+		// the whole document.
+		pb, err = json.Marshal([]map[string]any{{"op": "replace", "path": "", "value": canon}})
+		if err != nil {
+			return Change{}, fmt.Errorf("cannot encode the patch: %w", err)
+		}
 	}
-	pb, err := json.Marshal(patch)
-	if err != nil {
-		return Change{}, fmt.Errorf("cannot encode the patch: %w", err)
-	}
-	if patch == nil {
-		pb = json.RawMessage("[]")
-	}
-	money := moneyChanged(d.Latest().Payload, canon)
+	// Money changes are measured against the last accepted revision, not
+	// the latest: a later edit must not carry an unapproved money change
+	// past the checker.
+	money := moneyChanged(d.Revisions[d.accepted()].Payload, canon)
 	ev := DeadLetterEdited{DeadLetterID: d.ID, Revision: d.Latest().Number + 1, Payload: canon, Patch: pb,
 		Reason: reason, Actor: actor, MoneyChanged: money, NeedsApproval: money && makerChecker}
 	return Change{StreamID: DeadLetterStream(d.ID), ExpectedVersion: d.Version, Events: []Event{ev}}, nil
@@ -290,8 +314,12 @@ func (d *DeadLetter) Approve(actor string) (Change, error) {
 	if strings.TrimSpace(actor) == "" {
 		return Change{}, invalid("actor", "is required")
 	}
-	if actor == r.Actor {
-		return Change{}, ErrSelfApproval
+	// Every author of a revision since the last accepted one is a maker of
+	// the change awaiting approval.
+	for _, m := range d.Revisions[d.accepted()+1:] {
+		if actor == m.Actor {
+			return Change{}, ErrSelfApproval
+		}
 	}
 	return Change{StreamID: DeadLetterStream(d.ID), ExpectedVersion: d.Version,
 		Events: []Event{DeadLetterApproved{DeadLetterID: d.ID, Revision: r.Number, Actor: actor}}}, nil

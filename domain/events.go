@@ -126,8 +126,10 @@ func decodeAs[T Event](payload []byte) (Event, error) {
 // DecodeEvent turns a stored event back into its value. An unknown type or
 // a schema version newer than this code knows is an error, never a guess.
 func DecodeEvent(typ string, schemaVersion int, payload []byte) (Event, error) {
-	if schemaVersion < 1 || schemaVersion > SchemaVersion {
-		return nil, fmt.Errorf("event %s: unsupported schema version %d", typ, schemaVersion)
+	// Old versions are upcast to the current shape first (upcast.go).
+	typ, _, payload, err := Upcast(typ, schemaVersion, payload)
+	if err != nil {
+		return nil, err
 	}
 	dec, ok := decoders[typ]
 	if !ok {

@@ -140,6 +140,11 @@ func apply(ctx context.Context, tx Execer, r domain.RecordedEvent) error {
 // exec1 runs a statement that must touch exactly one row: a projection that
 // silently updates nothing would let the read model drift from the log.
 func exec1(ctx context.Context, tx Execer, sql string, args ...any) error {
+	if q, ok := tx.(queuer); ok {
+		// A replay pipelines the statement and checks the count when the
+		// batch returns (rebuild.go).
+		return q.queue1(sql, args)
+	}
 	tag, err := tx.Exec(ctx, sql, args...)
 	if err != nil {
 		return err

@@ -13,6 +13,7 @@ import (
 
 	"github.com/jackc/pgx/v5/pgxpool"
 
+	"github.com/dealbridge/dealbridge/adapters/auth"
 	"github.com/dealbridge/dealbridge/adapters/postgres"
 	"github.com/dealbridge/dealbridge/domain"
 )
@@ -23,6 +24,7 @@ type API struct {
 	pool    *pgxpool.Pool
 	logger  *slog.Logger
 	baseCtx context.Context // outlives requests: background work (bulk re-injects)
+	auth    *auth.Service   // nil: the CRM API is open and every operator endpoint refuses
 }
 
 // New returns the API over store.
@@ -37,21 +39,59 @@ func (a *API) WithContext(ctx context.Context) *API {
 	return a
 }
 
+// WithAuth authenticates requests through svc: the CRM-facing routes then
+// need its CRM token when one is configured, and the operator routes a
+// session or API token of a user with the right role. Without it the
+// operator routes refuse every request.
+func (a *API) WithAuth(svc *auth.Service) *API {
+	a.auth = svc
+	return a
+}
+
+// crm guards a CRM-facing route.
+func (a *API) crm(h http.HandlerFunc) http.HandlerFunc {
+	if a.auth == nil {
+		return h
+	}
+	return a.auth.RequireCRM(deny, h)
+}
+
+// deny is the JSON refusal: 401 without credentials, 403 without the role.
+func deny(w http.ResponseWriter, r *http.Request, status int) {
+	detail := "this endpoint needs a logged-in session or an API token (Authorization: Bearer ...)"
+	if status == http.StatusForbidden {
+		detail = "your role does not allow this"
+	} else if w.Header().Get("WWW-Authenticate") == "" {
+		w.Header().Set("WWW-Authenticate", `Bearer realm="dealbridge"`)
+	}
+	writeProblem(w, r, Problem{Status: status, Detail: detail, Type: "https://dealbridge.dev/problems/" + map[int]string{401: "unauthenticated", 403: "forbidden"}[status]})
+}
+
 // Handler returns the HTTP handler with every route.
 func (a *API) Handler() http.Handler {
 	mux := http.NewServeMux()
-	mux.HandleFunc("POST /api/v1/deals", a.createDeal)
-	mux.HandleFunc("GET /api/v1/deals/{id}", a.getDeal)
-	mux.HandleFunc("POST /api/v1/deals/{id}/close", a.closeDeal)
-	mux.HandleFunc("PUT /api/v1/inventory/{sku}", a.setInventory)
-	mux.HandleFunc("GET /api/v1/inventory/{sku}", a.getInventory)
+	mux.HandleFunc("POST /api/v1/deals", a.crm(a.createDeal))
+	mux.HandleFunc("GET /api/v1/deals/{id}", a.crm(a.getDeal))
+	mux.HandleFunc("POST /api/v1/deals/{id}/close", a.crm(a.closeDeal))
+	mux.HandleFunc("PUT /api/v1/inventory/{sku}", a.crm(a.setInventory))
+	mux.HandleFunc("GET /api/v1/inventory/{sku}", a.crm(a.getInventory))
 	a.opsRoutes(mux)
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) { writeJSON(w, 200, map[string]string{"status": "ok"}) })
 	mux.HandleFunc("GET /readyz", a.ready)
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeProblem(w, r, Problem{Status: http.StatusNotFound, Detail: "no such endpoint: " + r.Method + " " + r.URL.Path})
 	})
-	return a.middleware(mux)
+	var h http.Handler = mux
+	if a.auth != nil {
+		h = a.auth.Middleware(h)
+	}
+	// CSRF: a browser's cross-origin state change is refused whatever
+	// credentials it carries; API clients (no Sec-Fetch-Site, no Origin) pass.
+	cop := http.NewCrossOriginProtection()
+	cop.SetDenyHandler(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		writeProblem(w, r, Problem{Status: http.StatusForbidden, Detail: "cross-origin request refused", Type: "https://dealbridge.dev/problems/cross-origin"})
+	}))
+	return a.middleware(cop.Handler(h))
 }
 
 type ctxKey int

@@ -1,42 +1,152 @@
 package httpapi
 
 import (
+	"context"
 	"encoding/json"
+	"fmt"
 	"net/http"
 	"strconv"
-	"strings"
 	"time"
 
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/dealbridge/dealbridge/adapters/auth"
 	"github.com/dealbridge/dealbridge/adapters/postgres"
 	"github.com/dealbridge/dealbridge/domain"
 )
 
-// ActorHeader names the operator performing an action. Until sessions and
-// roles arrive with the dashboard, operator endpoints take the actor from
-// this header and record it in the audit log.
-const ActorHeader = "X-Dealbridge-Actor"
-
 func (a *API) opsRoutes(mux *http.ServeMux) {
-	mux.HandleFunc("GET /api/v1/dead-letters", a.listDeadLetters)
-	mux.HandleFunc("GET /api/v1/dead-letters/{id}", a.getDeadLetter)
-	mux.HandleFunc("PUT /api/v1/dead-letters/{id}/payload", a.editDeadLetter)
-	mux.HandleFunc("POST /api/v1/dead-letters/{id}/approve", a.approveDeadLetter)
-	mux.HandleFunc("POST /api/v1/dead-letters/{id}/reinject", a.reinjectDeadLetter)
-	mux.HandleFunc("POST /api/v1/dead-letters/{id}/discard", a.discardDeadLetter)
-	mux.HandleFunc("POST /api/v1/dead-letters/bulk-reinject", a.bulkReinject)
-	mux.HandleFunc("GET /api/v1/alerts", a.listAlerts)
-	mux.HandleFunc("POST /api/v1/alerts/{id}/acknowledge", a.ackAlert)
-	mux.HandleFunc("POST /api/v1/alerts/{id}/resolve", a.resolveAlert)
-	mux.HandleFunc("GET /api/v1/audit", a.listAudit)
+	// Deny by default: every operator route states the least role it needs,
+	// checked on the server whatever the dashboard shows.
+	route := func(pattern string, min auth.Role, h http.HandlerFunc) {
+		mux.HandleFunc(pattern, auth.Require(min, deny, h))
+	}
+	route("GET /api/v1/dead-letters", auth.RoleViewer, a.listDeadLetters)
+	route("GET /api/v1/dead-letters/{id}", auth.RoleViewer, a.getDeadLetter)
+	route("PUT /api/v1/dead-letters/{id}/payload", auth.RoleAdmin, a.editDeadLetter)
+	route("POST /api/v1/dead-letters/{id}/approve", auth.RoleAdmin, a.approveDeadLetter)
+	route("POST /api/v1/dead-letters/{id}/reinject", auth.RoleOperator, a.reinjectDeadLetter)
+	route("POST /api/v1/dead-letters/{id}/discard", auth.RoleOperator, a.discardDeadLetter)
+	route("POST /api/v1/dead-letters/bulk-reinject", auth.RoleOperator, a.bulkReinject)
+	route("GET /api/v1/alerts", auth.RoleViewer, a.listAlerts)
+	route("POST /api/v1/alerts/{id}/acknowledge", auth.RoleOperator, a.ackAlert)
+	route("POST /api/v1/alerts/{id}/resolve", auth.RoleOperator, a.resolveAlert)
+	route("GET /api/v1/audit", auth.RoleViewer, a.listAudit)
 }
 
+// actor is the authenticated user behind the request, as the audit log
+// records it. The routes are registered through auth.Require, so a
+// principal with a role is always there.
 func (a *API) actor(r *http.Request) (postgres.Actor, error) {
-	name := strings.TrimSpace(r.Header.Get(ActorHeader))
-	if name == "" || len(name) > 100 {
-		return postgres.Actor{}, &badRequest{field: ActorHeader, msg: "the " + ActorHeader + " header must name the operator"}
+	p, ok := auth.FromContext(r.Context())
+	if !ok || !p.Role.Valid() {
+		return postgres.Actor{}, &badRequest{status: http.StatusUnauthorized, msg: "not authenticated"}
 	}
 	id, _ := r.Context().Value(requestIDKey).(string)
-	return postgres.Actor{Name: name, Role: "operator", RequestID: id}, nil
+	return postgres.Actor{Name: p.Name, Role: string(p.Role), RequestID: id}, nil
+}
+
+// unmasked reports whether the caller may see customer fields.
+func unmasked(r *http.Request) bool {
+	p, ok := auth.FromContext(r.Context())
+	return ok && p.CanSeePII()
+}
+
+// MaskDeadLetter hides the customer fields of v from a viewer, also where
+// the reason quotes them.
+func MaskDeadLetter(v *postgres.DeadLetterView) {
+	v.Reason = auth.MaskText(v.Reason, auth.CustomerValues(v.Payload)...)
+	v.Payload = auth.MaskJSON(v.Payload)
+	if v.PayloadText != nil {
+		t := "(hidden from viewers)"
+		v.PayloadText = &t
+	}
+}
+
+// MaskDeadLetterDetail hides the customer fields of d (payload, revisions,
+// patches, events, and free text quoting them) from a viewer.
+func MaskDeadLetterDetail(d *postgres.DeadLetterDetail) {
+	docs := []json.RawMessage{d.Payload}
+	for _, r := range d.Revisions {
+		docs = append(docs, r.Payload)
+	}
+	vals := auth.CustomerValues(docs...)
+	MaskDeadLetter(&d.DeadLetterView)
+	d.Reason = auth.MaskText(d.Reason, vals...)
+	for i := range d.Revisions {
+		d.Revisions[i].Payload = auth.MaskJSON(d.Revisions[i].Payload)
+		d.Revisions[i].Patch = auth.MaskJSON(d.Revisions[i].Patch)
+		d.Revisions[i].Reason = auth.MaskText(d.Revisions[i].Reason, vals...)
+	}
+	for _, evs := range [][]postgres.EventView{d.History, d.AttemptHistory} {
+		for i := range evs {
+			evs[i].Payload = auth.MaskJSONText(auth.MaskJSON(evs[i].Payload), vals...)
+		}
+	}
+}
+
+// DealCustomers returns the customer id and name of each deal, for masking
+// free text (reasons, alert messages) that quotes them.
+func DealCustomers(ctx context.Context, pool *pgxpool.Pool, dealIDs []string) (map[string][]string, error) {
+	out := map[string][]string{}
+	if len(dealIDs) == 0 {
+		return out, nil
+	}
+	rows, err := pool.Query(ctx, `SELECT id::text, customer_id, customer_name FROM deals WHERE id::text = ANY($1)`, dealIDs)
+	if err != nil {
+		return nil, fmt.Errorf("cannot read deal customers: %w", err)
+	}
+	defer rows.Close()
+	for rows.Next() {
+		var id, cid, name string
+		if err := rows.Scan(&id, &cid, &name); err != nil {
+			return nil, err
+		}
+		out[id] = []string{cid, name}
+	}
+	return out, rows.Err()
+}
+
+// MaskDeadLetters masks a page of dead letters for a viewer, including the
+// deal's customer where a reason quotes it.
+func MaskDeadLetters(ctx context.Context, pool *pgxpool.Pool, items []postgres.DeadLetterView) error {
+	var ids []string
+	for _, it := range items {
+		if it.DealID != nil {
+			ids = append(ids, *it.DealID)
+		}
+	}
+	cs, err := DealCustomers(ctx, pool, ids)
+	if err != nil {
+		return err
+	}
+	for i := range items {
+		if items[i].DealID != nil {
+			items[i].Reason = auth.MaskText(items[i].Reason, cs[*items[i].DealID]...)
+		}
+		MaskDeadLetter(&items[i])
+	}
+	return nil
+}
+
+// MaskAlerts masks the customer in alert messages for a viewer.
+func MaskAlerts(ctx context.Context, pool *pgxpool.Pool, alerts []postgres.AlertView) error {
+	var ids []string
+	for _, a := range alerts {
+		if a.DealID != nil {
+			ids = append(ids, *a.DealID)
+		}
+	}
+	cs, err := DealCustomers(ctx, pool, ids)
+	if err != nil {
+		return err
+	}
+	for i := range alerts {
+		if alerts[i].DealID != nil {
+			alerts[i].Message = auth.MaskText(alerts[i].Message, cs[*alerts[i].DealID]...)
+		}
+	}
+	return nil
 }
 
 func parseFilter(r *http.Request) (postgres.DeadLetterFilter, error) {
@@ -80,6 +190,12 @@ func (a *API) listDeadLetters(w http.ResponseWriter, r *http.Request) {
 		a.fail(w, r, err)
 		return
 	}
+	if !unmasked(r) {
+		if err := MaskDeadLetters(r.Context(), a.pool, page.Items); err != nil {
+			a.fail(w, r, err)
+			return
+		}
+	}
 	writeJSON(w, http.StatusOK, page)
 }
 
@@ -88,6 +204,17 @@ func (a *API) getDeadLetter(w http.ResponseWriter, r *http.Request) {
 	if err != nil {
 		a.fail(w, r, err)
 		return
+	}
+	if !unmasked(r) {
+		MaskDeadLetterDetail(&d)
+		if d.DealID != nil {
+			cs, err := DealCustomers(r.Context(), a.pool, []string{*d.DealID})
+			if err != nil {
+				a.fail(w, r, err)
+				return
+			}
+			d.Reason = auth.MaskText(d.Reason, cs[*d.DealID]...)
+		}
 	}
 	writeJSON(w, http.StatusOK, d)
 }
@@ -229,6 +356,9 @@ func (a *API) listAlerts(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	alerts, err := a.store.ListAlerts(r.Context(), state, 500)
+	if err == nil && !unmasked(r) {
+		err = MaskAlerts(r.Context(), a.pool, alerts)
+	}
 	if err != nil {
 		a.fail(w, r, err)
 		return
@@ -277,6 +407,11 @@ func (a *API) listAudit(w http.ResponseWriter, r *http.Request) {
 	if err != nil {
 		a.fail(w, r, err)
 		return
+	}
+	if !unmasked(r) {
+		for i := range rows {
+			rows[i].Diff = auth.MaskJSON(rows[i].Diff)
+		}
 	}
 	writeJSON(w, http.StatusOK, rows)
 }

@@ -111,7 +111,8 @@ type BulkProgress struct {
 // that also marks it done, so running it again after a crash re-injects
 // every item exactly once. An item that can no longer be re-injected (its
 // entry was discarded meanwhile, or hit the loop guard) is skipped with the
-// reason.
+// reason. When ctx is cancelled it returns the progress so far and a nil
+// error (check ctx.Err()): run it again to resume.
 func (s *Store) RunBulkReinject(ctx context.Context, id string, perSecond float64, maxReinjects int, progress func(BulkProgress)) (BulkProgress, error) {
 	var (
 		reason, actor, role, state string
@@ -131,9 +132,12 @@ func (s *Store) RunBulkReinject(ctx context.Context, id string, perSecond float6
 	if perSecond > 0 {
 		lim = rate.NewLimiter(rate.Limit(perSecond), 1)
 	}
+	// An interruption (ctx cancelled) is not a failure: the progress so far
+	// is returned with a nil error, and the caller resumes later.
+	interrupted := func() (BulkProgress, error) { return s.BulkStatus(context.WithoutCancel(ctx), id) }
 	for {
 		if err := lim.Wait(ctx); err != nil {
-			return s.BulkStatus(ctx, id)
+			return interrupted()
 		}
 		var (
 			seq  int
@@ -173,6 +177,9 @@ func (s *Store) RunBulkReinject(ctx context.Context, id string, perSecond float6
 			return err
 		})
 		if err != nil {
+			if ctx.Err() != nil {
+				return interrupted() // the item's transaction rolled back: still pending
+			}
 			return BulkProgress{}, fmt.Errorf("bulk operation %s, item %d: %w", id, seq, err)
 		}
 		if done {

@@ -58,9 +58,24 @@ type AuditEntry struct {
 	OperationID *string         `json:"operation_id"`
 }
 
+// hashOf returns the SHA-256 of b. A JSON document is hashed in a canonical
+// spelling (keys sorted, no insignificant space, numbers as written), so
+// that one content has one hash whoever spelt it: the event log's jsonb
+// reorders keys, and the after hash of an edit must equal the before hash of
+// the next action on the entry.
 func hashOf(b []byte) *string {
 	if b == nil {
 		return nil
+	}
+	if json.Valid(b) {
+		dec := json.NewDecoder(bytes.NewReader(b))
+		dec.UseNumber()
+		var v any
+		if dec.Decode(&v) == nil {
+			if c, err := json.Marshal(v); err == nil {
+				b = c
+			}
+		}
 	}
 	h := sha256.Sum256(b)
 	s := hex.EncodeToString(h[:])
@@ -150,7 +165,11 @@ func ValidatePayload(topic string, payload []byte) (domain.InvoiceRequest, error
 	if err := dec.Decode(&req); err != nil {
 		var te *json.UnmarshalTypeError
 		if errors.As(err, &te) {
-			return req, &domain.ValidationError{Field: te.Field, Reason: "has the wrong type: " + err.Error()}
+			field := te.Field
+			if field == "" {
+				field = "payload" // the document itself is not an object
+			}
+			return req, &domain.ValidationError{Field: field, Reason: "has the wrong type: " + err.Error()}
 		}
 		if f, ok := strings.CutPrefix(err.Error(), "json: unknown field "); ok {
 			return req, &domain.ValidationError{Field: strings.Trim(f, `"`), Reason: "is not a field of an invoice request"}
@@ -187,7 +206,9 @@ func (s *Store) EditDeadLetter(ctx context.Context, id string, payload []byte, r
 			if dl.DealID != "" && req.DealID != dl.DealID {
 				return &domain.ValidationError{Field: "deal_id", Reason: "cannot be changed (it is " + dl.DealID + ")"}
 			}
-			if dl.Key != "" && req.IdempotencyKey != dl.Key {
+			// The payload keeps the key it failed with; after a re-inject
+			// under a new key the entry's key is derived from it.
+			if dl.Key != "" && req.IdempotencyKey != dl.Key && !strings.HasPrefix(dl.Key, req.IdempotencyKey+":r") {
 				return &domain.ValidationError{Field: "idempotency_key", Reason: "cannot be changed; re-inject with a new key instead"}
 			}
 			return nil
@@ -316,6 +337,12 @@ func (s *Store) reinjectTx(ctx context.Context, tx pgx.Tx, id string, opt Reinje
 	req, err := ValidatePayload(dl.Topic, rev.Payload)
 	if err != nil {
 		return ReinjectResult{}, fmt.Errorf("revision %d is not valid; edit it first: %w", rev.Number, err)
+	}
+	// The same K is the entry's current key: after a re-inject under a new
+	// key it is that key (derived from the one in the payload), whose saga
+	// and deal close the entry now belongs to.
+	if dl.Key != req.IdempotencyKey && strings.HasPrefix(dl.Key, req.IdempotencyKey+":r") {
+		req.IdempotencyKey = dl.Key
 	}
 	d, err := loadDealForUpdate(ctx, tx, req.DealID)
 	if err != nil {

@@ -34,11 +34,19 @@ func AppendTx(ctx context.Context, tx pgx.Tx, change domain.Change, meta domain.
 			return nil, fmt.Errorf("cannot encode %s: %w", e.EventType(), err)
 		}
 		v := change.ExpectedVersion + i + 1
-		var pos int64
-		var at time.Time
+		sv := domain.CurrentSchemaVersion(e.EventType())
+		var (
+			pos    int64
+			at     time.Time
+			stored []byte
+		)
+		// The events_chain trigger (migration 00007) links the event to its
+		// predecessor in the stream: prev_hash and hash. Computing them in
+		// the database covers every writer; `audit verify` recomputes the
+		// chain independently (chain.go).
 		err = tx.QueryRow(ctx, `INSERT INTO events (stream_id, stream_version, type, schema_version, payload, metadata)
-			VALUES ($1,$2,$3,$4,$5,$6) RETURNING position, recorded_at`,
-			change.StreamID, v, e.EventType(), domain.SchemaVersion, pb, mb).Scan(&pos, &at)
+			VALUES ($1,$2,$3,$4,$5,$6) RETURNING position, recorded_at, payload`,
+			change.StreamID, v, e.EventType(), sv, pb, mb).Scan(&pos, &at, &stored)
 		if err != nil {
 			var pgErr *pgconn.PgError
 			if errors.As(err, &pgErr) && pgErr.Code == "23505" {
@@ -46,9 +54,18 @@ func AppendTx(ctx context.Context, tx pgx.Tx, change domain.Change, meta domain.
 			}
 			return nil, fmt.Errorf("cannot append %s to %s: %w", e.EventType(), change.StreamID, err)
 		}
+		// Project the event as the log holds it, not as it was handed in:
+		// jsonb normalises what it stores (key order, spacing of raw JSON
+		// fields such as a dead letter's payload), and a replay sees only
+		// the stored form. Projecting the same value live is what makes
+		// replay equal live (invariant I6).
+		back, err := domain.DecodeEvent(e.EventType(), sv, stored)
+		if err != nil {
+			return nil, fmt.Errorf("cannot read back %s appended to %s: %w", e.EventType(), change.StreamID, err)
+		}
 		out = append(out, domain.RecordedEvent{
-			Position: pos, StreamID: change.StreamID, StreamVersion: v, SchemaVersion: domain.SchemaVersion,
-			Event: e, Metadata: meta, RecordedAt: at,
+			Position: pos, StreamID: change.StreamID, StreamVersion: v, SchemaVersion: sv,
+			Event: back, Metadata: meta, RecordedAt: at,
 		})
 	}
 	return out, nil

@@ -192,7 +192,10 @@ func (s *Store) ListDeadLetters(ctx context.Context, f DeadLetterFilter, after C
 	args = append(args, limit+1)
 	rows, err := s.pool.Query(ctx, `SELECT id::text, state, deal_id::text, idempotency_key, message_uuid, topic, handler, payload, metadata,
 			reason, error_class, attempts, first_failure_at, last_failure_at, revision, needs_approval, approved_by, reinjects, created_at, updated_at
-		FROM dead_letters WHERE `+where+fmt.Sprintf(` ORDER BY created_at DESC, id DESC LIMIT $%d`, len(args)), args...)
+		FROM dead_letters WHERE `+where+
+		// Qualified: a bare "id" would name the output column id::text, and
+		// a sort by text cannot use dead_letters_page_idx.
+		fmt.Sprintf(` ORDER BY dead_letters.created_at DESC, dead_letters.id DESC LIMIT $%d`, len(args)), args...)
 	if err != nil {
 		return DeadLetterPage{}, fmt.Errorf("cannot list dead letters: %w", err)
 	}

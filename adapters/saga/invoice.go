@@ -35,6 +35,7 @@ import (
 
 	"github.com/ThreeDotsLabs/watermill/message"
 
+	"github.com/dealbridge/dealbridge/adapters/crashpoint"
 	"github.com/dealbridge/dealbridge/adapters/erp"
 	"github.com/dealbridge/dealbridge/adapters/postgres"
 	"github.com/dealbridge/dealbridge/adapters/queue"
@@ -305,6 +306,7 @@ func (h *InvoiceHandler) record(ctx context.Context, req domain.InvoiceRequest, 
 	if inv.Number == "" {
 		return fmt.Errorf("deal %s: the ERP returned an invoice without a number", req.DealID)
 	}
+	crashpoint.Hit(crashpoint.AfterERP2xxBeforeCommit)
 	recorded, err := h.store.RecordInvoice(ctx, req.DealID, req.IdempotencyKey, inv.Number, meta)
 	if err != nil {
 		var terr *domain.TransitionError
@@ -321,6 +323,7 @@ func (h *InvoiceHandler) record(ctx context.Context, req domain.InvoiceRequest, 
 		return err
 	}
 	log.InfoContext(ctx, "deal invoiced", "invoice", inv.Number, "recorded", recorded)
+	crashpoint.Hit(crashpoint.AfterCommitBeforeAck)
 	return nil
 }
 

@@ -18,11 +18,16 @@ import (
 	"github.com/ThreeDotsLabs/watermill/message/router/middleware"
 	"github.com/jackc/pgx/v5/pgxpool"
 
+	"github.com/dealbridge/dealbridge/adapters/auth"
+	"github.com/dealbridge/dealbridge/adapters/crashpoint"
+	"github.com/dealbridge/dealbridge/adapters/dashboard"
 	"github.com/dealbridge/dealbridge/adapters/erp"
 	"github.com/dealbridge/dealbridge/adapters/erp/erpsim"
+	"github.com/dealbridge/dealbridge/adapters/erp/tryton"
 	"github.com/dealbridge/dealbridge/adapters/httpapi"
 	"github.com/dealbridge/dealbridge/adapters/postgres"
 	"github.com/dealbridge/dealbridge/adapters/queue"
+	"github.com/dealbridge/dealbridge/adapters/reconcile"
 	"github.com/dealbridge/dealbridge/adapters/saga"
 	"github.com/dealbridge/dealbridge/adapters/webhook"
 	"github.com/dealbridge/dealbridge/domain"
@@ -85,9 +90,45 @@ func Serve(ctx context.Context, ln net.Listener, h http.Handler, logger *slog.Lo
 	return nil
 }
 
-// APIHandler returns the CRM-facing API over pool.
+// APIHandler returns the api process's handler over pool with the default
+// HTTPConfig: no CRM token, default session timeouts.
 func APIHandler(pool *pgxpool.Pool, logger *slog.Logger) http.Handler {
-	return httpapi.New(postgres.NewStore(pool), logger).Handler()
+	h, err := HTTPHandler(context.Background(), pool, logger, HTTPConfig{})
+	if err != nil {
+		panic(err) // only an embedded template that does not parse
+	}
+	return h
+}
+
+// HTTPConfig configures the api process's HTTP front.
+type HTTPConfig struct {
+	// Auth configures sessions, the CRM token and the login rate limit.
+	Auth auth.Config
+	// BreakerState reports the ERP breaker when this process runs the
+	// saga handler too (dev).
+	BreakerState func() (string, bool)
+}
+
+// HTTPHandler returns the api process's handler: the CRM-facing API and the
+// operator JSON API under /api/, health checks, and the dashboard
+// everywhere else. Background work started by requests (bulk re-injects)
+// runs under ctx.
+func HTTPHandler(ctx context.Context, pool *pgxpool.Pool, logger *slog.Logger, cfg HTTPConfig) (http.Handler, error) {
+	store := postgres.NewStore(pool)
+	cfg.Auth.Logger = logger
+	authSvc := auth.New(pool, cfg.Auth)
+	api := httpapi.New(store, logger).WithContext(ctx).WithAuth(authSvc).Handler()
+	dash, err := dashboard.New(store, authSvc, dashboard.Config{Logger: logger, BaseContext: ctx,
+		BreakerState: cfg.BreakerState, CRMOpen: !authSvc.CRMTokenRequired()})
+	if err != nil {
+		return nil, err
+	}
+	mux := http.NewServeMux()
+	mux.Handle("/api/", api)
+	mux.Handle("/healthz", api)
+	mux.Handle("/readyz", api)
+	mux.Handle("/", dash.Handler())
+	return mux, nil
 }
 
 // RelayConfig configures RunRelay.
@@ -116,7 +157,7 @@ func RunRelay(ctx context.Context, pool *pgxpool.Pool, cfg RelayConfig, logger *
 		return fmt.Errorf("cannot create poison queue: %w", err)
 	}
 	r, err := outbox.NewRelay(pool, pub, outbox.RelayConfig{
-		PollInterval: cfg.PollInterval, BatchSize: cfg.BatchSize, Middlewares: []message.HandlerMiddleware{poison},
+		PollInterval: cfg.PollInterval, BatchSize: cfg.BatchSize, Middlewares: []message.HandlerMiddleware{poison, crashpoint.Middleware(crashpoint.RelayAfterPublishBeforeOffsetAck)},
 	}, logger)
 	if err != nil {
 		return err
@@ -126,6 +167,11 @@ func RunRelay(ctx context.Context, pool *pgxpool.Pool, cfg RelayConfig, logger *
 
 // HandlerConfig configures RunHandler.
 type HandlerConfig struct {
+	// ERP selects the ERP adapter: "http" (default: the generic HTTP/JSON
+	// client on ERPURL) or "tryton" (Tryton 6.0 over JSON-RPC, configured
+	// by Tryton). See ERPPort.
+	ERP          string
+	Tryton       tryton.Config
 	ERPURL       string
 	ERPTimeout   time.Duration
 	Consumers    int
@@ -138,16 +184,21 @@ type HandlerConfig struct {
 	// webhook; both or neither.
 	AlertWebhookURL    string
 	AlertWebhookSecret string
+	// ReconcileInterval is how often the handler reconciles won deals with
+	// the ERP (adapters/reconcile); 0 turns it off. ReconcileAfter is the
+	// age from which a won deal without an invoice is looked up (default
+	// 10m).
+	ReconcileInterval time.Duration
+	ReconcileAfter    time.Duration
 }
 
 // RunHandler runs the invoice saga handlers until ctx is done.
 func RunHandler(ctx context.Context, pool *pgxpool.Pool, cfg HandlerConfig, logger *slog.Logger) error {
-	if cfg.ERPURL == "" {
-		return errors.New("no ERP URL: set --erp-url or DEALBRIDGE_ERP_URL")
+	port, closePort, err := ERPPort(cfg, logger)
+	if err != nil {
+		return err
 	}
-	bc := cfg.Breaker
-	bc.Logger = logger
-	port := erp.NewBreaker(erp.NewHTTPClient(erp.HTTPConfig{BaseURL: cfg.ERPURL, Timeout: cfg.ERPTimeout, Logger: logger}), bc)
+	defer closePort()
 	return RunHandlerWithPort(ctx, pool, port, cfg, logger)
 }
 
@@ -193,6 +244,15 @@ func RunHandlerWithPort(ctx context.Context, pool *pgxpool.Pool, port erp.Port, 
 		}
 		defer wsub.Close()
 		router.AddConsumerHandler(webhook.HandlerName, outbox.AlertTopic, wsub, sender.Handle)
+	}
+	if cfg.ReconcileInterval > 0 {
+		// Every handler process reconciles; passes are idempotent (an
+		// invoice is recorded once, an alert raised once per K).
+		rec := reconcile.New(store, port, reconcile.Config{After: cfg.ReconcileAfter, Logger: logger})
+		rctx, stop := context.WithCancel(ctx)
+		done := make(chan struct{})
+		go func() { defer close(done); rec.Run(rctx, cfg.ReconcileInterval) }()
+		defer func() { stop(); <-done }()
 	}
 	if err := router.Run(ctx); err != nil {
 		return fmt.Errorf("handler router: %w", err)

@@ -39,6 +39,11 @@ func commands() []command {
 		{"migrate", "apply, roll back or show database migrations (up|down|status)", runMigrate},
 		{"alerts", "list alerts (alerts list [--json])", runAlerts},
 		{"dlq", "list dead letters (dlq list [--json])", runDLQ},
+		{"users", "dashboard and operator-API users (users add|list|disable|enable|set-role|reset-password|token)", runUsers},
+		{"chaos", "fault-injection run with an independent checker and a report (chaos --deals N --out DIR)", runChaos},
+		{"replay", "rebuild every projection from the event log (--verify compares with live, --swap puts it live)", runReplay},
+		{"audit", "verify the event log's hash chain (audit verify) or list operator actions (audit list)", runAudit},
+		{"reconcile", "look up won deals without an invoice in the ERP: record found invoices, alert on missing ones", runReconcile},
 	}
 }
 

@@ -33,6 +33,8 @@ func runAPI(ctx context.Context, env Env, args []string) error {
 	f := newFlags(env, "api", "api [flags]")
 	c.register(f)
 	f.string(&listen, "listen", "DEALBRIDGE_LISTEN", "127.0.0.1:8080", "address of the HTTP API")
+	var hf httpFlags
+	hf.register(f)
 	var mc string
 	f.string(&mc, "maker-checker", "DEALBRIDGE_MAKER_CHECKER", "", "on or off: money edits of dead letters need a second operator (empty: leave the stored setting)")
 	if err := f.parse(args); err != nil {
@@ -59,8 +61,21 @@ func runAPI(ctx context.Context, env Env, args []string) error {
 	if err != nil {
 		return fmt.Errorf("cannot listen on %s: %w", listen, err)
 	}
-	logger.Info("api listening", "url", "http://"+ln.Addr().String())
-	return app.Serve(ctx, ln, app.APIHandler(pool, logger), logger)
+	hcfg, open, err := hf.config(env, ln.Addr())
+	if err != nil {
+		ln.Close()
+		return err
+	}
+	h, err := app.HTTPHandler(ctx, pool, logger, hcfg)
+	if err != nil {
+		ln.Close()
+		return err
+	}
+	if open {
+		logger.Warn("the CRM API runs without a token (loopback only); set DEALBRIDGE_API_TOKEN to require one")
+	}
+	logger.Info("api listening", "url", "http://"+ln.Addr().String(), "dashboard", "http://"+ln.Addr().String()+"/")
+	return app.Serve(ctx, ln, h, logger)
 }
 
 type relayFlags struct {
@@ -112,11 +127,16 @@ type handlerFlags struct {
 	breakerCool  time.Duration
 	webhookURL   string
 	secretFile   string
+	erp          erpFlags // --erp and the Tryton settings (tryton_flags.go)
+	// reconciliation with the ERP (adapters/reconcile)
+	reconcileEvery time.Duration
+	reconcileAfter time.Duration
 }
 
 func (h *handlerFlags) register(f *flags, withURL bool) {
 	if withURL {
 		f.string(&h.erpURL, "erp-url", "DEALBRIDGE_ERP_URL", "http://127.0.0.1:8081", "base URL of the ERP's HTTP API")
+		h.erp.register(f)
 	}
 	f.duration(&h.erpTimeout, "erp-timeout", "DEALBRIDGE_ERP_TIMEOUT", 10*time.Second, "timeout of one ERP call")
 	f.int(&h.consumers, "consumers", "DEALBRIDGE_CONSUMERS", 8, "messages handled in parallel by this process")
@@ -131,16 +151,27 @@ func (h *handlerFlags) register(f *flags, withURL bool) {
 	f.duration(&h.breakerCool, "breaker-cooldown", "DEALBRIDGE_BREAKER_COOLDOWN", 5*time.Second, "first cool-down of an open breaker (doubles while the ERP stays down)")
 	f.string(&h.webhookURL, "alert-webhook-url", "DEALBRIDGE_ALERT_WEBHOOK_URL", "", "POST every alert here, HMAC-signed (needs a secret)")
 	f.string(&h.secretFile, "alert-webhook-secret-file", "DEALBRIDGE_ALERT_WEBHOOK_SECRET_FILE", "", "file holding the webhook HMAC secret (or set $DEALBRIDGE_ALERT_WEBHOOK_SECRET)")
+	f.duration(&h.reconcileEvery, "reconcile-interval", "DEALBRIDGE_RECONCILE_INTERVAL", time.Minute, "how often won deals without an invoice are reconciled with the ERP (0: off)")
+	f.duration(&h.reconcileAfter, "reconcile-after", "DEALBRIDGE_RECONCILE_AFTER", 10*time.Minute, "reconcile deals won at least this long ago")
 }
 
 func (h *handlerFlags) config(env Env) (app.HandlerConfig, error) {
 	cfg := app.HandlerConfig{ERPURL: h.erpURL, ERPTimeout: h.erpTimeout, Consumers: h.consumers,
 		PollInterval: h.poll, Lease: h.lease, NackDelay: h.nackDelay,
-		Retry:   domain.RetryPolicy{Initial: h.retryInitial, Max: h.retryMax, MaxAttempts: h.maxAttempts, MaxAge: h.maxAge},
-		Breaker: erp.BreakerConfig{FailureThreshold: h.breakerN, CoolDown: h.breakerCool},
+		Retry:             domain.RetryPolicy{Initial: h.retryInitial, Max: h.retryMax, MaxAttempts: h.maxAttempts, MaxAge: h.maxAge},
+		Breaker:           erp.BreakerConfig{FailureThreshold: h.breakerN, CoolDown: h.breakerCool},
+		ReconcileInterval: h.reconcileEvery, ReconcileAfter: h.reconcileAfter,
+	}
+	if h.reconcileEvery < 0 || h.reconcileAfter < 0 {
+		return cfg, &usageError{msg: "--reconcile-interval and --reconcile-after must not be negative"}
 	}
 	if h.maxAttempts < 1 {
 		return cfg, &usageError{msg: "--max-attempts must be at least 1"}
+	}
+	if h.erp.kind != "" {
+		if err := h.erp.apply(env, &cfg); err != nil {
+			return cfg, err
+		}
 	}
 	// The secret never comes from the command line, where ps would show it.
 	secret := env.Getenv("DEALBRIDGE_ALERT_WEBHOOK_SECRET")
@@ -187,7 +218,11 @@ func runHandler(ctx context.Context, env Env, args []string) error {
 	if err != nil {
 		return err
 	}
-	logger.Info("handler running", "erp", h.erpURL, "consumers", h.consumers)
+	erpTarget := h.erpURL
+	if cfg.ERP == app.ERPTryton {
+		erpTarget = "tryton " + cfg.Tryton.URL + "/" + cfg.Tryton.Database
+	}
+	logger.Info("handler running", "erp", erpTarget, "consumers", h.consumers)
 	return app.RunHandler(ctx, pool, cfg, logger)
 }
 

@@ -13,6 +13,7 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 	"golang.org/x/sync/errgroup"
 
+	"github.com/dealbridge/dealbridge/adapters/erp"
 	"github.com/dealbridge/dealbridge/adapters/erp/erpsim"
 	"github.com/dealbridge/dealbridge/adapters/postgres"
 	"github.com/dealbridge/dealbridge/adapters/postgres/pgcluster"
@@ -44,6 +45,8 @@ func runDev(ctx context.Context, env Env, args []string) error {
 	f.BoolVar(&chaos, "chaos", false, "turn on an ERP fault plan (5xx, 429, lost responses, hangs; customer C-REJECT always rejected) to watch retries, compensation and dead letters")
 	r.register(f)
 	h.register(f, false)
+	var hf httpFlags
+	hf.register(f)
 	sim.RegisterFlags(f.FlagSet)
 	if err := f.parse(args); err != nil {
 		return err
@@ -132,6 +135,27 @@ func runDev(ctx context.Context, env Env, args []string) error {
 	if err != nil {
 		return err
 	}
+	httpCfg, crmOpen, err := hf.config(env, apiLn.Addr())
+	if err != nil {
+		return err
+	}
+	// The handler runs in this process: its breaker's state is knowable.
+	port, closePort, err := app.ERPPort(hcfg, logger)
+	if err != nil {
+		return err
+	}
+	defer closePort()
+	if b, ok := port.(*erp.Breaker); ok {
+		httpCfg.BreakerState = func() (string, bool) { return b.State(), true }
+	}
+	httpHandler, err := app.HTTPHandler(ctx, pool, logger, httpCfg)
+	if err != nil {
+		return err
+	}
+	adminPassword, err := bootstrapAdmin(ctx, pool)
+	if err != nil {
+		return err
+	}
 	fmt.Fprintf(env.Stdout, `dealbridge dev is running (Ctrl-C stops it)
   API:          %s/api/v1/deals
   ERP simulator: %s/invoices
@@ -145,13 +169,25 @@ Try:
   curl -s %[2]s/invoices
 `, apiURL, h.erpURL, dbURL, dataDir)
 
+	fmt.Fprintf(env.Stdout, "\nDashboard:     %s/\n", apiURL)
+	if adminPassword != "" {
+		fmt.Fprintf(env.Stdout, "  first admin:  user admin, password %s (shown once; change users with 'dealbridge users')\n", adminPassword)
+	} else {
+		fmt.Fprintln(env.Stdout, "  log in with an existing user ('dealbridge users list'; 'dealbridge users reset-password NAME --actor YOU' if you lost it)")
+	}
+	if crmOpen {
+		fmt.Fprintln(env.Stdout, "  the CRM API runs WITHOUT a token (loopback dev); set DEALBRIDGE_API_TOKEN to require one")
+	} else {
+		fmt.Fprintln(env.Stdout, "  the CRM API requires the bearer token from DEALBRIDGE_API_TOKEN")
+	}
+
 	g, gctx := errgroup.WithContext(ctx)
-	g.Go(func() error { return app.Serve(gctx, apiLn, app.APIHandler(pool, logger), logger) })
+	g.Go(func() error { return app.Serve(gctx, apiLn, httpHandler, logger) })
 	g.Go(func() error { return app.Serve(gctx, simLn, simSrv.Handler(), logger) })
 	g.Go(func() error {
 		return app.RunRelay(gctx, pool, app.RelayConfig{PollInterval: r.poll, BatchSize: r.batch}, logger)
 	})
-	g.Go(func() error { return app.RunHandler(gctx, pool, hcfg, logger) })
+	g.Go(func() error { return app.RunHandlerWithPort(gctx, pool, port, hcfg, logger) })
 	err = g.Wait()
 	if ctx.Err() != nil && (err == nil || errors.Is(err, context.Canceled)) {
 		fmt.Fprintln(env.Stdout, "dealbridge dev stopped")

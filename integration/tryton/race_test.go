@@ -1,0 +1,5 @@
+//go:build race
+
+package tryton_test
+
+const raceEnabled = true
