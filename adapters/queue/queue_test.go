@@ -142,7 +142,7 @@ func TestLateAckOfOldHolderIsFenced(t *testing.T) {
 // handler's context once the lease is found taken.
 func TestHeartbeatExtendsLeaseAndCancelsOnLoss(t *testing.T) {
 	pool := newPool(t, newDatabase(t), "wq-heartbeat", 4)
-	const lease = 300 * time.Millisecond
+	const lease = time.Second // generous: the heartbeat runs every lease/3 even on a loaded machine
 	sub := newSubscriber(t, pool, queue.SubscriberConfig{Lease: lease})
 	topic := "heartbeat"
 	sent := newMsg("work")
