@@ -763,8 +763,7 @@ func TestAuditRowPerAction(t *testing.T) {
 	if err := f.store.ApproveDeadLetter(ctx, fd.dlID, bob); err != nil {
 		t.Fatal(err)
 	}
-	res, err := f.store.ReinjectDeadLetter(ctx, fd.dlID, postgres.ReinjectOptions{Reason: "approved"}, carol)
-	if err != nil {
+	if _, err := f.store.ReinjectDeadLetter(ctx, fd.dlID, postgres.ReinjectOptions{Reason: "approved"}, carol); err != nil {
 		t.Fatal(err)
 	}
 	other := f.failedDeal("C-9")
@@ -825,8 +824,6 @@ func TestAuditRowPerAction(t *testing.T) {
 	if approve.Diff != nil || reinject.Diff != nil || reinject.OperationID != nil {
 		t.Errorf("approve/reinject rows carry a diff or an operation: %+v %+v", approve, reinject)
 	}
-	_ = res
-
 	drows := f.audit(other.dlID)
 	if len(drows) != 1 || drows[0].Action != "dead_letter.discard" || drows[0].Actor != "alice" || drows[0].Reason != "customer left" ||
 		drows[0].BeforeHash == nil || drows[0].AfterHash != nil {
