@@ -250,6 +250,17 @@ func (h *InvoiceHandler) retryLater(ctx context.Context, msg *message.Message, r
 // never compensated.
 func (h *InvoiceHandler) fail(ctx context.Context, msg *message.Message, req domain.InvoiceRequest, saga postgres.SagaView,
 	cause error, class domain.ErrorClass, attempts int, first, now time.Time, log *slog.Logger, meta domain.Metadata) error {
+	if errors.Is(cause, erp.ErrDuplicateInvoice) {
+		// The ERP holds more than one invoice for K (an ERP without
+		// idempotency, e.g. Tryton): a human must void the extra ones. The
+		// deal is never compensated: the lookup below records the oldest.
+		if _, err := h.store.RaiseAlert(ctx, domain.AlertRaised{
+			Kind: domain.AlertKindDuplicateInvoice, Severity: domain.SeverityCritical, DealID: req.DealID,
+			IdempotencyKey: req.IdempotencyKey, Message: truncate(cause.Error()),
+		}, meta); err != nil {
+			return errors.Join(cause, err)
+		}
+	}
 	inv, found, err := h.erp.FindInvoiceByKey(ctx, req.IdempotencyKey)
 	if err != nil {
 		// Cannot tell whether the ERP holds the invoice: do not
