@@ -33,7 +33,9 @@ func AlertStream(id string) string { return "alert-" + id }
 func DeadLetterStream(id string) string { return "deadletter-" + id }
 
 // InvoiceAttemptFailed records one failed ERP attempt and when the next one
-// is due. The due time is decided once, here, so replay reproduces it.
+// is due. The due time is decided once, here, so replay reproduces it. The
+// attempt that ends the saga is recorded too, with Final set and no next
+// time, in the transaction that records InvoiceFailed.
 type InvoiceAttemptFailed struct {
 	DealID         string     `json:"deal_id"`
 	IdempotencyKey string     `json:"idempotency_key"`
@@ -44,6 +46,7 @@ type InvoiceAttemptFailed struct {
 	LatencyMS      int64      `json:"latency_ms"`
 	AttemptedAt    time.Time  `json:"attempted_at"`
 	NextAttemptAt  time.Time  `json:"next_attempt_at"`
+	Final          bool       `json:"final,omitempty"`
 }
 
 // InvoiceFailed ends a saga without an invoice: retries ran out or the ERP

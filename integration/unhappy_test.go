@@ -190,6 +190,15 @@ func TestERP422CompensatesAtOnce(t *testing.T) {
 		f[0].ErrorClass != domain.ErrorPermanent || f[0].Attempts != 1 {
 		t.Errorf("InvoiceFailed events %+v, want one, permanent, 1 attempt", f)
 	}
+	// The rejected attempt itself is on the saga's stream, with its status
+	// and latency, so the timeline and the dead-letter page can show it.
+	if fa := w.attemptFailures(key); len(fa) != 1 || !fa[0].Final || fa[0].Attempt != 1 || fa[0].StatusCode != http.StatusUnprocessableEntity ||
+		fa[0].ErrorClass != domain.ErrorPermanent || fa[0].LatencyMS < 0 || !fa[0].NextAttemptAt.IsZero() {
+		t.Errorf("InvoiceAttemptFailed events %+v, want one final 422 attempt with a latency and no next attempt", fa)
+	}
+	if sg.NextAttemptAt != nil {
+		t.Errorf("saga of a failed invoice has a next attempt at %v", sg.NextAttemptAt)
+	}
 	checkInvariants(t, w.pool, w.sim)
 	if as := w.attemptsFor(key); len(as) != 1 {
 		t.Errorf("ledger for %s after the drain: %v; want still one attempt", key, ledgerOutcomes(as))
@@ -219,6 +228,15 @@ func TestERPRetriesExhaustedCompensates(t *testing.T) {
 	if dl.ErrorClass != domain.ClassExhausted || dl.Attempts != 3 || !strings.Contains(dl.Reason, "retries exhausted after 3 attempt(s)") ||
 		!strings.Contains(dl.Reason, "injected server error") || !dl.LastFailureAt.After(dl.FirstFailureAt) {
 		t.Errorf("dead letter %+v: want class exhausted, 3 attempts, the last ERP error in the reason, first < last failure", dl)
+	}
+	fa := w.attemptFailures(key)
+	if len(fa) != 3 {
+		t.Fatalf("%d InvoiceAttemptFailed events, want 3 (the last one final)", len(fa))
+	}
+	for i, f := range fa {
+		if f.Attempt != i+1 || f.Final != (i == 2) || f.ErrorClass != domain.ErrorTransient || f.StatusCode < 500 {
+			t.Errorf("attempt event %d: %+v, want attempt %d, transient 5xx, final only for the last", i+1, f, i+1)
+		}
 	}
 	if al := onlyAlertOf(t, w.store, d.ID); al.Kind != domain.AlertKindInvoiceFailed || nilStr(al.DeadLetterID) != dl.ID {
 		t.Errorf("alert %+v, want invoice_failed linked to %s", al, dl.ID)

@@ -62,10 +62,14 @@ func apply(ctx context.Context, tx Execer, r domain.RecordedEvent) error {
 		return exec1(ctx, tx, `UPDATE invoice_sagas SET state='invoiced', invoice_number=$2, next_attempt_at=NULL, updated_at=$3 WHERE idempotency_key=$1`,
 			e.IdempotencyKey, e.InvoiceNumber, at)
 	case domain.InvoiceAttemptFailed:
+		var next any = e.NextAttemptAt
+		if e.Final {
+			next = nil // InvoiceFailed follows in the same transaction
+		}
 		return exec1(ctx, tx, `UPDATE invoice_sagas SET state='retrying', version=$2, attempts=$3, error_class=$4, last_error=$5,
 			first_attempt_at=coalesce(first_attempt_at, $6), last_attempt_at=$6, next_attempt_at=$7, updated_at=$8
 			WHERE idempotency_key=$1`,
-			e.IdempotencyKey, r.StreamVersion, e.Attempt, e.ErrorClass, e.Message, e.AttemptedAt, e.NextAttemptAt, at)
+			e.IdempotencyKey, r.StreamVersion, e.Attempt, e.ErrorClass, e.Message, e.AttemptedAt, next, at)
 	case domain.InvoiceFailed:
 		return exec1(ctx, tx, `UPDATE invoice_sagas SET state='failed', version=$2, attempts=$3, error_class=$4, last_error=$5,
 			next_attempt_at=NULL, updated_at=$6 WHERE idempotency_key=$1`,

@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"sync"
 	"testing"
@@ -326,8 +327,8 @@ func TestBrowserScenario(t *testing.T) {
 	b.do(chromedp.Click(css("a.dl-link")), chromedp.WaitVisible(css("#payload-input")))
 	dlURL := get(b, chromedp.Location())
 	dlPath := strings.TrimPrefix(dlURL, srv.URL)
-	if !strings.Contains(b.text("#attempts"), "HTTP 422") {
-		t.Errorf("error history lacks the 422: %s", b.text("#attempts"))
+	if at := b.text("#attempts"); !strings.Contains(at, "HTTP 422") || !regexp.MustCompile(`final.*HTTP 422\s+\d+ ms`).MatchString(at) {
+		t.Errorf("error history lacks the final 422 with its latency: %s", at)
 	}
 	b.page("dead-letter")
 

@@ -251,10 +251,10 @@ func (d *Dashboard) loadDeadLetter(r *http.Request, id string) (*deadLetterData,
 			continue
 		}
 		data.Attempts = append(data.Attempts, attemptView{Attempt: a.Attempt, At: a.AttemptedAt, ErrorClass: string(a.ErrorClass),
-			Status: a.StatusCode, LatencyMS: a.LatencyMS, Message: a.Message})
+			Status: a.StatusCode, LatencyMS: a.LatencyMS, Message: a.Message, Final: a.Final})
 	}
-	// The attempt that ended the saga is recorded by the dead letter itself
-	// (its reason names the ERP's status), not as an attempt event.
+	// Logs written before the final attempt was recorded as an event know
+	// it only from the dead letter (its reason names the ERP's status).
 	if dl.Attempts > len(data.Attempts) {
 		data.Attempts = append(data.Attempts, attemptView{Attempt: dl.Attempts, At: dl.LastFailureAt, ErrorClass: dl.ErrorClass,
 			Status: statusIn(dl.Reason), LatencyMS: -1, Message: dl.Reason, Final: true})

@@ -243,14 +243,14 @@ func describe(e *entry, stream string, payload []byte) {
 		} else {
 			status = "HTTP " + status
 		}
-		e.Summary = fmt.Sprintf("ERP attempt %s failed: %s, %s in %s ms — %s", str("attempt"), str("error_class"), status, str("latency_ms"), str("message"))
+		final := ""
+		if str("final") == "true" {
+			final = " (final)"
+		}
+		e.Summary = fmt.Sprintf("ERP attempt %s failed%s: %s, %s in %s ms — %s", str("attempt"), final, str("error_class"), status, str("latency_ms"), str("message"))
 		e.Class = "fail"
 	case domain.TypeInvoiceFailed:
-		status := "no response"
-		if n := statusIn(str("reason")); n != 0 {
-			status = fmt.Sprintf("HTTP %d", n)
-		}
-		e.Summary = fmt.Sprintf("ERP attempt %s failed (final): %s, %s — invoice saga failed: %s", str("attempts"), str("error_class"), status, str("reason"))
+		e.Summary = fmt.Sprintf("Invoice saga failed after %s attempt(s): %s — %s", str("attempts"), str("error_class"), str("reason"))
 		e.Class = "fail"
 	case domain.TypeDealReverted:
 		e.Summary = "CRM status: reverted (compensation) — " + str("reason")

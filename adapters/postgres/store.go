@@ -361,6 +361,9 @@ type Failure struct {
 	Attempts       int
 	FirstFailureAt time.Time
 	LastFailureAt  time.Time
+	// FinalAttempt, when set, is the ERP attempt that ended the saga; it is
+	// recorded on the saga's stream just before InvoiceFailed.
+	FinalAttempt *domain.InvoiceAttemptFailed
 }
 
 // DeadLetterSource is the message being dead-lettered, as it was delivered.
@@ -457,9 +460,14 @@ func (s *Store) Compensate(ctx context.Context, req domain.InvoiceRequest, f Fai
 			Message: fmt.Sprintf("deal %s was not invoiced (%s after %d attempt(s)): %s; the deal is reverted and its inventory released",
 				req.DealID, f.ErrorClass, f.Attempts, f.Reason),
 		}
+		var sagaEvents []domain.Event
+		if f.FinalAttempt != nil {
+			sagaEvents = append(sagaEvents, *f.FinalAttempt)
+		}
+		sagaEvents = append(sagaEvents, domain.InvoiceFailed{DealID: req.DealID, IdempotencyKey: req.IdempotencyKey,
+			ErrorClass: domain.ErrorClass(f.ErrorClass), Reason: f.Reason, Attempts: f.Attempts})
 		changes := append([]domain.Change{{StreamID: domain.SagaStream(req.IdempotencyKey), ExpectedVersion: sagaVersion,
-			Events: []domain.Event{domain.InvoiceFailed{DealID: req.DealID, IdempotencyKey: req.IdempotencyKey,
-				ErrorClass: domain.ErrorClass(f.ErrorClass), Reason: f.Reason, Attempts: f.Attempts}}}}, revert...)
+			Events: sagaEvents}}, revert...)
 		changes = append(changes, dlChange,
 			domain.Change{StreamID: domain.AlertStream(res.AlertID), Events: []domain.Event{alert}})
 		if _, err := appendAndProject(ctx, tx, meta, changes...); err != nil {

@@ -220,9 +220,6 @@ func (h *InvoiceHandler) retryLater(ctx context.Context, msg *message.Message, r
 		first = *saga.FirstAttemptAt
 	}
 	class := domain.ClassOf(cause)
-	if class == domain.ErrorPermanent || h.cfg.Retry.Exhausted(attempt, first, now) {
-		return h.fail(ctx, msg, req, saga, cause, class, attempt, first, now, log, meta)
-	}
 	var retryAfter time.Duration
 	ev := domain.InvoiceAttemptFailed{
 		DealID: req.DealID, IdempotencyKey: req.IdempotencyKey, Attempt: attempt, ErrorClass: class,
@@ -231,6 +228,10 @@ func (h *InvoiceHandler) retryLater(ctx context.Context, msg *message.Message, r
 	if erpErr != nil {
 		ev.StatusCode = erpErr.StatusCode
 		retryAfter = erpErr.RetryAfter
+	}
+	if class == domain.ErrorPermanent || h.cfg.Retry.Exhausted(attempt, first, now) {
+		ev.Final = true
+		return h.fail(ctx, msg, req, cause, ev, first, log, meta)
 	}
 	delay := h.cfg.Retry.Backoff(attempt, retryAfter, h.cfg.Rand())
 	ev.NextAttemptAt = now.Add(delay)
@@ -248,8 +249,12 @@ func (h *InvoiceHandler) retryLater(ctx context.Context, msg *message.Message, r
 // fail ends the saga: compensation, alert and dead letter in one
 // transaction — after a last lookup, so that a deal whose invoice exists is
 // never compensated.
-func (h *InvoiceHandler) fail(ctx context.Context, msg *message.Message, req domain.InvoiceRequest, saga postgres.SagaView,
-	cause error, class domain.ErrorClass, attempts int, first, now time.Time, log *slog.Logger, meta domain.Metadata) error {
+//
+// final is the attempt that ended the saga; it is recorded (with its status
+// and latency) in the compensating transaction.
+func (h *InvoiceHandler) fail(ctx context.Context, msg *message.Message, req domain.InvoiceRequest,
+	cause error, final domain.InvoiceAttemptFailed, first time.Time, log *slog.Logger, meta domain.Metadata) error {
+	class, attempts, now := final.ErrorClass, final.Attempt, final.AttemptedAt
 	if errors.Is(cause, erp.ErrDuplicateInvoice) {
 		// The ERP holds more than one invoice for K (an ERP without
 		// idempotency, e.g. Tryton): a human must void the extra ones. The
@@ -279,6 +284,7 @@ func (h *InvoiceHandler) fail(ctx context.Context, msg *message.Message, req dom
 	}
 	res, err := h.store.Compensate(ctx, req, postgres.Failure{
 		ErrorClass: reasonClass, Reason: truncate(reason), Attempts: attempts, FirstFailureAt: first, LastFailureAt: now,
+		FinalAttempt: &final,
 	}, postgres.DeadLetterSource{
 		MessageUUID: msg.UUID, Topic: outbox.InvoiceTopic, Handler: HandlerName,
 		Payload: msg.Payload, Metadata: map[string]string(msg.Metadata),
