@@ -1,7 +1,9 @@
 package postgres
 
 import (
+	"context"
 	"encoding/json"
+	"fmt"
 	"maps"
 	"time"
 
@@ -34,6 +36,12 @@ func NewDeadLetterPublisher(store *Store) *DeadLetterPublisher {
 
 // Publish dead-letters msgs. The reason and origin come from the
 // poison-queue metadata (reason_poisoned, topic_poisoned, handler_poisoned).
+//
+// It is idempotent per message UUID: a message dead-lettered before (a
+// redelivery after a crash between the dead letter's commit and the ack)
+// is not dead-lettered again — no second dead letter, alert or
+// MessageDeadLettered event — and Publish reports success, so that the
+// message is acknowledged.
 func (p *DeadLetterPublisher) Publish(_ string, msgs ...*message.Message) error {
 	for _, m := range msgs {
 		if err := p.publish(m); err != nil {
@@ -45,6 +53,26 @@ func (p *DeadLetterPublisher) Publish(_ string, msgs ...*message.Message) error 
 
 func (p *DeadLetterPublisher) publish(m *message.Message) error {
 	ctx := m.Context()
+	if wtx, ok := wsql.TxFromContext(ctx); ok {
+		if ptx, ok := pgxTx(wtx); ok {
+			return p.deadLetterTx(ctx, ptx, m)
+		}
+	}
+	return p.store.unit(ctx, func(tx pgx.Tx) error { return p.deadLetterTx(ctx, tx, m) })
+}
+
+// deadLetterTx claims m's UUID in poison_dead_letters and, when the claim
+// is new, dead-letters m through tx. A concurrent claim of the same UUID
+// waits for the first transaction: after its commit it finds the claim and
+// skips, after its rollback it proceeds.
+func (p *DeadLetterPublisher) deadLetterTx(ctx context.Context, tx pgx.Tx, m *message.Message) error {
+	tag, err := tx.Exec(ctx, `INSERT INTO poison_dead_letters (message_uuid) VALUES ($1) ON CONFLICT (message_uuid) DO NOTHING`, m.UUID)
+	if err != nil {
+		return fmt.Errorf("cannot claim poison message %s for dead-lettering: %w", m.UUID, err)
+	}
+	if tag.RowsAffected() == 0 {
+		return nil // dead-lettered before
+	}
 	now := time.Now().UTC()
 	md := maps.Clone(map[string]string(m.Metadata))
 	src := DeadLetterSource{
@@ -55,14 +83,14 @@ func (p *DeadLetterPublisher) publish(m *message.Message) error {
 		FirstFailureAt: now, LastFailureAt: now}
 	dealID, key := identify(m)
 	meta := domain.Metadata{CorrelationID: m.Metadata.Get(outbox.MetadataCorrelationID), CausationID: m.UUID, Actor: "poison-queue"}
-	if wtx, ok := wsql.TxFromContext(ctx); ok {
-		if ptx, ok := pgxTx(wtx); ok {
-			_, err := p.store.DeadLetterTx(ctx, ptx, dealID, key, f, src, meta)
-			return err
-		}
+	res, err := p.store.DeadLetterTx(ctx, tx, dealID, key, f, src, meta)
+	if err != nil {
+		return err
 	}
-	_, err := p.store.DeadLetter(ctx, dealID, key, f, src, meta)
-	return err
+	if _, err := tx.Exec(ctx, `UPDATE poison_dead_letters SET dead_letter_id=$2 WHERE message_uuid=$1`, m.UUID, res.DeadLetterID); err != nil {
+		return fmt.Errorf("cannot record the dead letter of poison message %s: %w", m.UUID, err)
+	}
+	return nil
 }
 
 // identify extracts the deal id and key from a message when it can.
