@@ -5,6 +5,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"sync"
 	"time"
 
 	"github.com/ThreeDotsLabs/watermill"
@@ -12,6 +13,8 @@ import (
 	"github.com/ThreeDotsLabs/watermill/components/forwarder"
 	"github.com/ThreeDotsLabs/watermill/message"
 	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/dealbridge/dealbridge/adapters/pgnotify"
 )
 
 // ConsumerGroup is the relay's watermill-sql consumer group. Every relay
@@ -21,8 +24,8 @@ const ConsumerGroup = "relay"
 
 // RelayConfig configures a Relay. Zero values mean the defaults.
 type RelayConfig struct {
-	// PollInterval is how often an idle relay looks for new rows.
-	// Default 100ms.
+	// PollInterval is how often an idle relay looks for new rows when no
+	// NOTIFY woke it (NOTIFY is a wake-up only). Default 500ms.
 	PollInterval time.Duration
 	// BatchSize is how many rows one relay transaction moves. Default 100.
 	BatchSize int
@@ -38,16 +41,25 @@ type RelayConfig struct {
 // redelivers the batch or has delivered it, never half. Delivery is
 // at-least-once in general; handlers deduplicate by idempotency key.
 type Relay struct {
-	fwd *forwarder.Forwarder
-	sub *wsql.Subscriber
+	fwd    *forwarder.Forwarder
+	sub    *wsql.Subscriber
+	wake   *wakeBackoff
+	listen *pgnotify.Listener
+
+	closeOnce sync.Once
+	closing   chan struct{}
 }
 
 // NewRelay builds a relay reading the outbox through pool.
 func NewRelay(pool *pgxpool.Pool, target message.Publisher, cfg RelayConfig, logger *slog.Logger) (*Relay, error) {
 	wlog := watermill.NewSlogLogger(logger)
+	poll := cmp.Or(cfg.PollInterval, 500*time.Millisecond)
+	closing := make(chan struct{})
+	wake := newWakeBackoff(poll, time.Second, closing)
 	sub, err := wsql.NewSubscriber(wsql.BeginnerFromPgx(pool), wsql.SubscriberConfig{
 		ConsumerGroup:  ConsumerGroup,
-		PollInterval:   cmp.Or(cfg.PollInterval, 100*time.Millisecond),
+		PollInterval:   poll,
+		BackoffManager: wake,
 		ResendInterval: time.Second,
 		RetryInterval:  time.Second,
 		SchemaAdapter: wsql.DefaultPostgreSQLSchema{
@@ -70,19 +82,45 @@ func NewRelay(pool *pgxpool.Pool, target message.Publisher, cfg RelayConfig, log
 	if err != nil {
 		return nil, fmt.Errorf("cannot create outbox forwarder: %w", err)
 	}
-	return &Relay{fwd: fwd, sub: sub}, nil
+	return &Relay{
+		fwd: fwd, sub: sub, wake: wake, closing: closing,
+		listen: &pgnotify.Listener{
+			Conn: pool.Config().ConnConfig, Channel: NotifyChannel,
+			OnNotify:  func(string) { wake.notify() },
+			OnConnect: wake.notify, // rows committed while nobody listened
+			Logger:    logger.With("component", "relay"),
+		},
+	}, nil
 }
 
-// Run relays until ctx is done or Close is called.
+// Run relays until ctx is done or Close is called. A dedicated connection
+// LISTENs for outbox commits, so a relay picks new rows up within
+// milliseconds; polling every PollInterval is the fallback.
 func (r *Relay) Run(ctx context.Context) error {
+	lctx, cancel := context.WithCancel(ctx)
+	var wg sync.WaitGroup
+	wg.Go(func() { r.listen.Run(lctx) })
+	stop := context.AfterFunc(ctx, r.stopWaiting)
+	defer func() {
+		stop()
+		cancel()
+		wg.Wait()
+	}()
 	if err := r.fwd.Run(ctx); err != nil {
 		return fmt.Errorf("relay stopped: %w", err)
 	}
 	return nil
 }
 
+// stopWaiting ends an idle wait at once, so shutdown does not wait for the
+// poll interval.
+func (r *Relay) stopWaiting() { r.closeOnce.Do(func() { close(r.closing) }) }
+
 // Running is closed once the relay is running.
 func (r *Relay) Running() chan struct{} { return r.fwd.Running() }
 
 // Close stops the relay, waiting for the batch in flight.
-func (r *Relay) Close() error { return r.fwd.Close() }
+func (r *Relay) Close() error {
+	r.stopWaiting()
+	return r.fwd.Close()
+}

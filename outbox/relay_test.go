@@ -683,3 +683,51 @@ func TestRelayOffsetAndPostgresPublishAreAtomic(t *testing.T) {
 		t.Fatalf("target holds %v, want each message once, in order: %v", got, msgs)
 	}
 }
+
+// TestRelayWakesOnNotify: with a poll interval of an hour, rows committed to
+// an idle relay are relayed because the outbox trigger's NOTIFY wakes it —
+// each of several rows, one after another, and a burst.
+func TestRelayWakesOnNotify(t *testing.T) {
+	ctx := t.Context()
+	pool := newPool(t, 8)
+	rec := newRecorder()
+	startRelay(t, pool, rec, outbox.RelayConfig{PollInterval: time.Hour})
+	for i := range 3 {
+		time.Sleep(300 * time.Millisecond) // the relay settles into its idle wait
+		start := time.Now()
+		uuid, err := publishCommitted(ctx, pool)
+		if err != nil {
+			t.Fatal(err)
+		}
+		waitFor(t, 20*time.Second, "the notified relay to deliver "+uuid, func() bool { return rec.delivered(uuid) })
+		t.Logf("row %d relayed %v after its commit", i+1, time.Since(start).Round(time.Millisecond))
+	}
+	var burst []string
+	for range 50 {
+		uuid, err := publishCommitted(ctx, pool)
+		if err != nil {
+			t.Fatal(err)
+		}
+		burst = append(burst, uuid)
+	}
+	waitFor(t, 20*time.Second, "a burst of 50 rows", func() bool { return len(rec.missing(burst)) == 0 })
+}
+
+// TestRelayPollsWithoutNotify: NOTIFY is only a wake-up. With the trigger
+// gone (as if every notification were lost) the relay still delivers, by
+// polling.
+func TestRelayPollsWithoutNotify(t *testing.T) {
+	ctx := t.Context()
+	pool := newPool(t, 8)
+	if _, err := pool.Exec(ctx, `ALTER TABLE watermill_outbox DISABLE TRIGGER watermill_outbox_notify`); err != nil {
+		t.Fatal(err)
+	}
+	rec := newRecorder()
+	startRelay(t, pool, rec, outbox.RelayConfig{PollInterval: 200 * time.Millisecond})
+	time.Sleep(300 * time.Millisecond)
+	uuid, err := publishCommitted(ctx, pool)
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 20*time.Second, "the polling relay to deliver "+uuid, func() bool { return rec.delivered(uuid) })
+}

@@ -2,10 +2,8 @@ package queue
 
 import (
 	"context"
-	"fmt"
-	"time"
 
-	"github.com/jackc/pgx/v5"
+	"github.com/dealbridge/dealbridge/adapters/pgnotify"
 )
 
 // listen holds a dedicated LISTEN connection until ctx is done and wakes
@@ -13,49 +11,22 @@ import (
 // fails it reconnects after Config.ReconnectDelay and wakes every topic
 // (notifications sent meanwhile are lost; polling covers that gap too).
 func (s *Subscriber) listen(ctx context.Context) {
-	for ctx.Err() == nil {
-		err := s.listenOnce(ctx)
-		if ctx.Err() != nil {
-			return
-		}
-		s.log.WarnContext(ctx, "queue: LISTEN connection lost; polling until it is back", "err", err)
-		t := time.NewTimer(s.cfg.ReconnectDelay)
-		select {
-		case <-t.C:
-		case <-ctx.Done():
-			t.Stop()
-			return
-		}
+	l := pgnotify.Listener{
+		Conn:    s.pool.Config().ConnConfig,
+		Channel: NotifyChannel,
+		OnNotify: func(topic string) {
+			s.mu.Lock()
+			w := s.wakers[topic]
+			s.mu.Unlock()
+			if w != nil {
+				w.wake()
+			}
+		},
+		OnConnect:      s.wakeAll, // anything published while we were not listening
+		ReconnectDelay: s.cfg.ReconnectDelay,
+		Logger:         s.log.With("component", "queue"),
 	}
-}
-
-func (s *Subscriber) listenOnce(ctx context.Context) (err error) {
-	conn, err := pgx.ConnectConfig(ctx, s.pool.Config().ConnConfig.Copy())
-	if err != nil {
-		return fmt.Errorf("cannot connect: %w", err)
-	}
-	defer func() {
-		closeCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Second)
-		defer cancel()
-		_ = conn.Close(closeCtx)
-	}()
-	if _, err := conn.Exec(ctx, "LISTEN "+pgx.Identifier{NotifyChannel}.Sanitize()); err != nil {
-		return fmt.Errorf("cannot listen: %w", err)
-	}
-	s.log.DebugContext(ctx, "queue: listening", "channel", NotifyChannel)
-	s.wakeAll() // anything published while we were not listening
-	for {
-		n, err := conn.WaitForNotification(ctx)
-		if err != nil {
-			return fmt.Errorf("wait for notification: %w", err)
-		}
-		s.mu.Lock()
-		w := s.wakers[n.Payload]
-		s.mu.Unlock()
-		if w != nil {
-			w.wake()
-		}
-	}
+	l.Run(ctx)
 }
 
 func (s *Subscriber) wakeAll() {

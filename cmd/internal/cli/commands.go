@@ -84,7 +84,7 @@ type relayFlags struct {
 }
 
 func (r *relayFlags) register(f *flags) {
-	f.duration(&r.poll, "relay-poll-interval", "DEALBRIDGE_RELAY_POLL_INTERVAL", 100*time.Millisecond, "how often an idle relay polls the outbox")
+	f.duration(&r.poll, "relay-poll-interval", "DEALBRIDGE_RELAY_POLL_INTERVAL", 500*time.Millisecond, "fallback poll of the outbox (LISTEN/NOTIFY wakes the relay sooner)")
 	f.int(&r.batch, "relay-batch-size", "DEALBRIDGE_RELAY_BATCH_SIZE", 100, "outbox rows relayed per transaction")
 }
 

@@ -6,7 +6,6 @@ import (
 	"text/tabwriter"
 	"time"
 
-	"github.com/dealbridge/dealbridge/adapters/erp"
 	"github.com/dealbridge/dealbridge/adapters/postgres"
 	"github.com/dealbridge/dealbridge/adapters/reconcile"
 	"github.com/dealbridge/dealbridge/cmd/app"
@@ -16,24 +15,36 @@ import (
 // without an invoice are looked up in the ERP by K; found → recorded,
 // missing → alerted (once per K). It prints what it did and the age of the
 // oldest unreconciled deal.
+//
+// The ERP is chosen as the handler chooses it (--erp http|tryton and the
+// Tryton flags, through app.ERPPort): reconciliation must look in the ERP
+// the handler invoices in.
 func runReconcile(ctx context.Context, env Env, args []string) error {
 	var (
 		c          common
 		erpURL     string
 		erpTimeout time.Duration
+		ef         erpFlags
 		after      time.Duration
 		limit      int
 		asJSON     bool
 	)
-	f := newFlags(env, "reconcile", "reconcile [--after 10m] [--erp-url URL] [--json] [flags]")
+	f := newFlags(env, "reconcile", "reconcile [--after 10m] [--erp http|tryton] [--erp-url URL] [--json] [flags]")
 	c.register(f)
-	f.string(&erpURL, "erp-url", "DEALBRIDGE_ERP_URL", "http://127.0.0.1:8081", "base URL of the ERP's HTTP API")
+	f.string(&erpURL, "erp-url", "DEALBRIDGE_ERP_URL", "http://127.0.0.1:8081", "base URL of the ERP's HTTP API (with --erp http)")
 	f.duration(&erpTimeout, "erp-timeout", "DEALBRIDGE_ERP_TIMEOUT", 10*time.Second, "timeout of one ERP call")
+	ef.register(f)
 	f.duration(&after, "after", "DEALBRIDGE_RECONCILE_AFTER", 10*time.Minute, "check deals won at least this long ago")
 	f.IntVar(&limit, "limit", 500, "at most this many deals per pass, oldest first")
 	f.BoolVar(&asJSON, "json", false, "print the result as JSON")
 	if err := f.parse(args); err != nil {
 		return err
+	}
+	erpCfg := app.HandlerConfig{ERPURL: erpURL, ERPTimeout: erpTimeout}
+	if ef.kind != "" {
+		if err := ef.apply(env, &erpCfg); err != nil {
+			return err
+		}
 	}
 	if err := c.requireDB(); err != nil {
 		return err
@@ -47,7 +58,11 @@ func runReconcile(ctx context.Context, env Env, args []string) error {
 		return err
 	}
 	defer pool.Close()
-	port := erp.NewHTTPClient(erp.HTTPConfig{BaseURL: erpURL, Timeout: erpTimeout, Logger: logger})
+	port, closePort, err := app.ERPPort(erpCfg, logger)
+	if err != nil {
+		return fmt.Errorf("cannot set up the ERP: %w", err)
+	}
+	defer closePort()
 	res, err := reconcile.New(postgres.NewStore(pool), port, reconcile.Config{After: after, Limit: limit, Logger: logger}).RunOnce(ctx)
 	if err != nil {
 		return err
@@ -78,6 +93,13 @@ func runReconcile(ctx context.Context, env Env, args []string) error {
 		fmt.Fprintf(env.Stdout, "oldest unreconciled deal: %s, won %s ago\n", res.Oldest.DealID, res.Oldest.Age.Round(time.Second))
 	}
 	if res.Failed > 0 {
+		// Name the first failure, so that the error line says why (an
+		// unreachable ERP, a refused login) without the table.
+		for _, o := range res.Checked {
+			if o.Error != "" {
+				return fmt.Errorf("%d ERP lookup(s) failed; the first, of deal %s: %s", res.Failed, o.DealID, o.Error)
+			}
+		}
 		return fmt.Errorf("%d ERP lookup(s) failed", res.Failed)
 	}
 	return nil
