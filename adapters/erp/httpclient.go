@@ -216,14 +216,17 @@ func (c *HTTPClient) FindInvoiceByKey(ctx context.Context, key string) (Invoice,
 			found = append(found, w)
 		}
 	}
-	switch len(found) {
-	case 0:
+	if len(found) == 0 {
 		return Invoice{}, false, nil
-	case 1:
-	default:
-		log.ErrorContext(ctx, "erp holds more than one invoice for one idempotency key", "count", len(found))
 	}
-	return found[0].invoice(), true, nil
+	inv := found[0].invoice()
+	if len(found) > 1 {
+		log.ErrorContext(ctx, "erp holds more than one invoice for one idempotency key", "count", len(found))
+		for _, w := range found[1:] {
+			inv.Duplicates = append(inv.Duplicates, w.invoice().Number)
+		}
+	}
+	return inv, true, nil
 }
 
 func (c *HTTPClient) fail(ctx context.Context, log *slog.Logger, err *domain.ERPError) error {

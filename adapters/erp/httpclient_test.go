@@ -454,6 +454,21 @@ func TestFindInvoiceByKey(t *testing.T) {
 			t.Fatalf("= %v, %v; want false, nil", ok, err)
 		}
 	})
+	t.Run("names the duplicates of the first invoice", func(t *testing.T) {
+		ts := statusServer(t, 200, nil, `[{"number":"INV-1","idempotency_key":"K-1"},{"number":"INV-9","idempotency_key":"other"},`+
+			`{"number":"INV-2","idempotency_key":"K-1"}]`)
+		inv, ok, err := newClient(ts.URL, time.Second).FindInvoiceByKey(t.Context(), "K-1")
+		if err != nil || !ok || inv.Number != "INV-1" || len(inv.Duplicates) != 1 || inv.Duplicates[0] != "INV-2" {
+			t.Fatalf("= %+v, %v, %v; want INV-1 with duplicate INV-2", inv, ok, err)
+		}
+	})
+	t.Run("a single invoice has no duplicates", func(t *testing.T) {
+		ts := statusServer(t, 200, nil, `[{"number":"INV-1","idempotency_key":"K-1"}]`)
+		inv, ok, err := newClient(ts.URL, time.Second).FindInvoiceByKey(t.Context(), "K-1")
+		if err != nil || !ok || inv.Number != "INV-1" || inv.Duplicates != nil {
+			t.Fatalf("= %+v, %v, %v; want INV-1 without duplicates", inv, ok, err)
+		}
+	})
 	t.Run("5xx is transient", func(t *testing.T) {
 		ts := statusServer(t, 500, nil, "")
 		_, _, err := newClient(ts.URL, time.Second).FindInvoiceByKey(t.Context(), "K-1")

@@ -53,6 +53,10 @@ type Invoice struct {
 	Status     string    `json:"status"`
 	Lines      []Line    `json:"lines"`
 	CreatedAt  time.Time `json:"created_at"`
+	// Duplicates, set by FindInvoiceByKey, names the other invoices the ERP
+	// holds for the same key (an ERP without idempotency after a race):
+	// the caller records this one and raises a duplicate_invoice alert.
+	Duplicates []string `json:"duplicates,omitempty"`
 }
 
 // Port is what the invoice saga needs from any ERP.

@@ -6,7 +6,6 @@ import (
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
-	"os"
 	"strings"
 	"sync"
 	"testing"
@@ -18,15 +17,6 @@ import (
 	"github.com/dealbridge/dealbridge/adapters/saga"
 	"github.com/dealbridge/dealbridge/domain"
 )
-
-// knownBug skips a test that shows a known, unfixed bug, unless
-// DEALBRIDGE_TEST_KNOWN_BUGS is set.
-func knownBug(t *testing.T, why string) {
-	t.Helper()
-	if os.Getenv("DEALBRIDGE_TEST_KNOWN_BUGS") == "" {
-		t.Skip("known bug in adapters/saga/invoice.go (set DEALBRIDGE_TEST_KNOWN_BUGS=1 to run this test): " + why)
-	}
-}
 
 // A duplicate invoice: the ERP holds two invoices for one idempotency key
 // K (an ERP without a unique key, Tryton, after a race the service should
@@ -247,8 +237,6 @@ func TestDuplicateInvoiceAlertNotCompensated(t *testing.T) {
 // duplicate is still one incident: one alert.
 func TestDuplicateInvoiceAlertedOnceWhenTheLookupFails(t *testing.T) {
 	t.Parallel()
-	knownBug(t, "fail() raises the duplicate_invoice alert before its lookup and RaiseAlert does not deduplicate: "+
-		"every redelivery after a failed lookup raises another alert")
 	e := newEnv(t, 4, erpsim.Config{})
 	d, m := e.wonDeal(t)
 	key := *d.IdempotencyKey
@@ -278,8 +266,6 @@ func TestDuplicateInvoiceAlertedOnceWhenTheLookupFails(t *testing.T) {
 // like one found by the first attempt.
 func TestDuplicateInvoiceAlertAfterAFailedAttempt(t *testing.T) {
 	t.Parallel()
-	knownBug(t, "with saga.Attempts > 0, Handle looks up by K first and records what FindInvoiceByKey returns; "+
-		"FindInvoiceByKey reports no duplicate (the oldest invoice, found), so no alert is raised")
 	e := newEnv(t, 4, erpsim.Config{})
 	d, m := e.wonDeal(t)
 	key := *d.IdempotencyKey

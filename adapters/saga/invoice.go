@@ -31,6 +31,7 @@ import (
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
+	"strings"
 	"time"
 
 	"github.com/ThreeDotsLabs/watermill/message"
@@ -255,17 +256,10 @@ func (h *InvoiceHandler) retryLater(ctx context.Context, msg *message.Message, r
 func (h *InvoiceHandler) fail(ctx context.Context, msg *message.Message, req domain.InvoiceRequest,
 	cause error, final domain.InvoiceAttemptFailed, first time.Time, log *slog.Logger, meta domain.Metadata) error {
 	class, attempts, now := final.ErrorClass, final.Attempt, final.AttemptedAt
-	if errors.Is(cause, erp.ErrDuplicateInvoice) {
-		// The ERP holds more than one invoice for K (an ERP without
-		// idempotency, e.g. Tryton): a human must void the extra ones. The
-		// deal is never compensated: the lookup below records the oldest.
-		if _, err := h.store.RaiseAlert(ctx, domain.AlertRaised{
-			Kind: domain.AlertKindDuplicateInvoice, Severity: domain.SeverityCritical, DealID: req.DealID,
-			IdempotencyKey: req.IdempotencyKey, Message: truncate(cause.Error()),
-		}, meta); err != nil {
-			return errors.Join(cause, err)
-		}
-	}
+	// A duplicate (erp.ErrDuplicateInvoice: the ERP holds more than one
+	// invoice for K) is found by this lookup too: record then raises the
+	// duplicate_invoice alert and records the oldest, and the deal is never
+	// compensated.
 	inv, found, err := h.erp.FindInvoiceByKey(ctx, req.IdempotencyKey)
 	if err != nil {
 		// Cannot tell whether the ERP holds the invoice: do not
@@ -275,6 +269,13 @@ func (h *InvoiceHandler) fail(ctx context.Context, msg *message.Message, req dom
 	}
 	if found {
 		return h.record(ctx, req, inv, log, meta)
+	}
+	if errors.Is(cause, erp.ErrDuplicateInvoice) {
+		// Duplicates, none of them posted: compensation follows, and a human
+		// must still void the extra drafts.
+		if err := h.alertDuplicate(ctx, req, cause.Error(), meta); err != nil {
+			return errors.Join(cause, err)
+		}
 	}
 	reasonClass := string(class)
 	reason := cause.Error()
@@ -323,6 +324,18 @@ func (h *InvoiceHandler) record(ctx context.Context, req domain.InvoiceRequest, 
 	if inv.Number == "" {
 		return fmt.Errorf("deal %s: the ERP returned an invoice without a number", req.DealID)
 	}
+	if len(inv.Duplicates) > 0 {
+		// The ERP holds more than one invoice for K (an ERP without
+		// idempotency, e.g. Tryton): this one is recorded, and a human must
+		// void the others. Alerted before recording, once per key, so a
+		// crash in between cannot lose the alert and a redelivery cannot
+		// repeat it.
+		msg := fmt.Sprintf("the ERP holds %d invoices for key %s: %s (recorded) and %s; cancel or credit all but the recorded one in the ERP",
+			len(inv.Duplicates)+1, req.IdempotencyKey, inv.Number, strings.Join(inv.Duplicates, ", "))
+		if err := h.alertDuplicate(ctx, req, msg, meta); err != nil {
+			return err
+		}
+	}
 	crashpoint.Hit(crashpoint.AfterERP2xxBeforeCommit)
 	recorded, err := h.store.RecordInvoice(ctx, req.DealID, req.IdempotencyKey, inv.Number, meta)
 	if err != nil {
@@ -330,17 +343,29 @@ func (h *InvoiceHandler) record(ctx context.Context, req domain.InvoiceRequest, 
 		if errors.As(err, &terr) {
 			// The invoice exists in the ERP but the deal moved on (e.g.
 			// compensated by a concurrent delivery): a human must look.
-			_, aerr := h.store.RaiseAlert(ctx, domain.AlertRaised{
-				Kind: domain.AlertKindDuplicateInvoice, Severity: domain.SeverityCritical, DealID: req.DealID,
-				IdempotencyKey: req.IdempotencyKey,
-				Message:        fmt.Sprintf("ERP invoice %s exists for deal %s but the deal is %s", inv.Number, req.DealID, terr.From),
-			}, meta)
-			return aerr
+			return h.alertDuplicate(ctx, req,
+				fmt.Sprintf("ERP invoice %s exists for deal %s but the deal is %s", inv.Number, req.DealID, terr.From), meta)
 		}
 		return err
 	}
 	log.InfoContext(ctx, "deal invoiced", "invoice", inv.Number, "recorded", recorded)
 	crashpoint.Hit(crashpoint.AfterCommitBeforeAck)
+	return nil
+}
+
+// alertDuplicate raises the critical duplicate_invoice alert of req's key,
+// once per key.
+func (h *InvoiceHandler) alertDuplicate(ctx context.Context, req domain.InvoiceRequest, message string, meta domain.Metadata) error {
+	id, raised, err := h.store.RaiseAlertOnce(ctx, domain.AlertRaised{
+		Kind: domain.AlertKindDuplicateInvoice, Severity: domain.SeverityCritical, DealID: req.DealID,
+		IdempotencyKey: req.IdempotencyKey, Message: truncate(message),
+	}, meta)
+	if err != nil {
+		return err
+	}
+	if raised {
+		h.logger.ErrorContext(ctx, "duplicate invoice alert raised", "deal", req.DealID, "key", req.IdempotencyKey, "alert", id, "detail", message)
+	}
 	return nil
 }
 

@@ -124,7 +124,7 @@ func (c *Client) CreateInvoice(ctx context.Context, req erp.InvoiceRequest) (erp
 // FindInvoiceByKey returns the posted (or paid) invoice whose reference is
 // key. A draft is not reported: it has no number yet, and CreateInvoice
 // posts it. With several invoices for key it returns the oldest posted one
-// and logs an error (CreateInvoice reports the duplicate).
+// and logs an error; the others are named in the result's Duplicates.
 func (c *Client) FindInvoiceByKey(ctx context.Context, key string) (erp.Invoice, bool, error) {
 	if key == "" {
 		return erp.Invoice{}, false, permanent("empty idempotency key")
@@ -136,9 +136,12 @@ func (c *Client) FindInvoiceByKey(ctx context.Context, key string) (erp.Invoice,
 	if len(found) > 1 {
 		c.log.ErrorContext(ctx, "tryton holds more than one invoice for one key", "key", key, "invoices", describe(found))
 	}
-	for _, inv := range found { // ordered by id
+	for i, inv := range found { // ordered by id
 		if inv.State == "posted" || inv.State == "paid" {
 			out, err := c.toInvoice(ctx, inv, "")
+			if err == nil && len(found) > 1 {
+				out.Duplicates = describeEach(append(found[:i:i], found[i+1:]...))
+			}
 			return out, err == nil, err
 		}
 	}
@@ -187,7 +190,9 @@ func (c *Client) duplicate(ctx context.Context, key string, found []invoiceRow) 
 		Err: erp.ErrDuplicateInvoice}
 }
 
-func describe(found []invoiceRow) string {
+func describe(found []invoiceRow) string { return strings.Join(describeEach(found), ", ") }
+
+func describeEach(found []invoiceRow) []string {
 	parts := make([]string, len(found))
 	for i, f := range found {
 		n := string(f.Number)
@@ -196,7 +201,7 @@ func describe(found []invoiceRow) string {
 		}
 		parts[i] = fmt.Sprintf("id %d %s %s", f.ID, f.State, n)
 	}
-	return strings.Join(parts, ", ")
+	return parts
 }
 
 // draftMatches reports whether an unposted invoice found for the key was
