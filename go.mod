@@ -15,6 +15,10 @@ require (
 )
 
 require (
+	github.com/go-chi/chi/v5 v5.2.2 // indirect
+)
+
+require (
 	dario.cat/mergo v1.0.2 // indirect
 	github.com/Azure/go-ansiterm v0.0.0-20261006220739-8c912ac31dd4 // indirect
 	github.com/Microsoft/go-winio v0.6.3 // indirect

@@ -7,7 +7,7 @@ import (
 	"time"
 
 	"github.com/dealbridge/dealbridge/adapters/erp/erpsim"
-	"github.com/dealbridge/dealbridge/outbox"
+	"github.com/dealbridge/dealbridge/adapters/metrics"
 )
 
 // Sample is one point of the timeline. DB and ERP fields are -1 when the
@@ -25,22 +25,19 @@ type Sample struct {
 	ERPCreates  int     `json:"erp_creates"`
 }
 
-// unrelayedSQL counts the outbox rows the active relay has not passed and
-// the age of the oldest: for the real relay by its (xid8, offset) cursor,
-// for the naive one by its last id.
+// unrelayed counts the outbox rows the active relay has not passed and the
+// age of the oldest: for the real relay by its (xid8, offset) cursor (the
+// relay-lag metric's own measure), for the naive one by its last id.
 func (r *run) unrelayed(ctx context.Context) (int, float64, error) {
 	var n int
 	var age *float64
 	var err error
-	if r.naive != nil {
-		err = r.db.QueryRow(ctx, `SELECT count(*), extract(epoch FROM localtimestamp - min(created_at))::float8
-			FROM watermill_outbox WHERE "offset" > $1`, r.naive.lastID.Load()).Scan(&n, &age)
-	} else {
-		err = r.db.QueryRow(ctx, `SELECT count(*), extract(epoch FROM localtimestamp - min(o.created_at))::float8 FROM watermill_outbox o
-			WHERE NOT EXISTS (SELECT 1 FROM watermill_offsets_outbox c WHERE c.consumer_group = $1
-			      AND (o.transaction_id, o."offset") <= (c.last_processed_transaction_id, c.offset_acked))`,
-			outbox.ConsumerGroup).Scan(&n, &age)
+	if r.naive == nil {
+		b, err := metrics.MeasureRelayBacklog(ctx, r.db)
+		return int(b.Messages), b.OldestAge.Seconds(), err
 	}
+	err = r.db.QueryRow(ctx, `SELECT count(*), extract(epoch FROM localtimestamp - min(created_at))::float8
+		FROM watermill_outbox WHERE "offset" > $1`, r.naive.lastID.Load()).Scan(&n, &age)
 	if age == nil {
 		return n, 0, err
 	}

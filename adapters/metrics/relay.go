@@ -1,0 +1,52 @@
+package metrics
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/dealbridge/dealbridge/outbox"
+)
+
+// Querier runs one query returning one row: a *pgxpool.Pool, *pgx.Conn or
+// pgx.Tx.
+type Querier interface {
+	QueryRow(ctx context.Context, sql string, args ...any) pgx.Row
+}
+
+// RelayBacklog is what the relay has not passed yet.
+type RelayBacklog struct {
+	// Messages is the outbox rows after the relay's position.
+	Messages int64
+	// OldestAge is the age of the oldest of them (0 when there is none):
+	// the relay lag.
+	OldestAge time.Duration
+}
+
+// relayBacklogSQL: the relay's position is watermill-sql's cursor
+// (last_processed_transaction_id, offset_acked) of consumer group $1; a row
+// is relayed when its (transaction_id, "offset") is at or before it, and
+// every row counts while the group has no cursor yet. created_at is a
+// TIMESTAMP written with CURRENT_TIMESTAMP, hence LOCALTIMESTAMP.
+const relayBacklogSQL = `SELECT count(*), COALESCE(EXTRACT(EPOCH FROM LOCALTIMESTAMP - min(o.created_at)), 0)::float8
+	FROM watermill_outbox o
+	WHERE NOT EXISTS (SELECT 1 FROM watermill_offsets_outbox c WHERE c.consumer_group = $1
+	      AND (o.transaction_id, o."offset") <= (c.last_processed_transaction_id, COALESCE(c.offset_acked, 0)))`
+
+// MeasureRelayBacklog counts the outbox rows the relay (consumer group
+// outbox.ConsumerGroup) has not relayed yet and measures the age of the
+// oldest, on the database clock. It is one aggregate query over the
+// unrelayed rows, meant for scrapes and checkers.
+func MeasureRelayBacklog(ctx context.Context, db Querier) (RelayBacklog, error) {
+	var b RelayBacklog
+	var age float64
+	if err := db.QueryRow(ctx, relayBacklogSQL, outbox.ConsumerGroup).Scan(&b.Messages, &age); err != nil {
+		return RelayBacklog{}, fmt.Errorf("cannot measure the relay backlog: %w", err)
+	}
+	// A row inserted after this statement's LOCALTIMESTAMP in another
+	// session's clock reading can make the difference slightly negative.
+	b.OldestAge = time.Duration(max(0, age) * float64(time.Second))
+	return b, nil
+}
