@@ -25,6 +25,10 @@ type API struct {
 	logger  *slog.Logger
 	baseCtx context.Context // outlives requests: background work (bulk re-injects)
 	auth    *auth.Service   // nil: the CRM API is open and every operator endpoint refuses
+	metrics http.Handler    // nil: no GET /metrics
+	// metricsAuth: GET /metrics needs a user's session or API token (any
+	// role), like the operator routes; otherwise it is open.
+	metricsAuth bool
 }
 
 // New returns the API over store.
@@ -45,6 +49,16 @@ func (a *API) WithContext(ctx context.Context) *API {
 // operator routes refuse every request.
 func (a *API) WithAuth(svc *auth.Service) *API {
 	a.auth = svc
+	return a
+}
+
+// WithMetrics serves h (the process's Prometheus metrics) at GET /metrics.
+// With requireAuth the route needs a session or API token of a user of any
+// role (Prometheus: authorization.credentials_file with `users token`);
+// without it anyone who reaches the listener may scrape. The metrics hold
+// counts and ages only, never a deal, customer or payload.
+func (a *API) WithMetrics(h http.Handler, requireAuth bool) *API {
+	a.metrics, a.metricsAuth = h, requireAuth
 	return a
 }
 
@@ -78,6 +92,13 @@ func (a *API) Handler() http.Handler {
 	a.opsRoutes(mux)
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) { writeJSON(w, 200, map[string]string{"status": "ok"}) })
 	mux.HandleFunc("GET /readyz", a.ready)
+	if a.metrics != nil {
+		if a.metricsAuth {
+			mux.HandleFunc("GET /metrics", auth.Require(auth.RoleViewer, deny, a.metrics.ServeHTTP))
+		} else {
+			mux.Handle("GET /metrics", a.metrics)
+		}
+	}
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeProblem(w, r, Problem{Status: http.StatusNotFound, Detail: "no such endpoint: " + r.Method + " " + r.URL.Path})
 	})

@@ -14,9 +14,11 @@ import (
 	"time"
 
 	"github.com/ThreeDotsLabs/watermill"
+	wmetrics "github.com/ThreeDotsLabs/watermill/components/metrics"
 	"github.com/ThreeDotsLabs/watermill/message"
 	"github.com/ThreeDotsLabs/watermill/message/router/middleware"
 	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/dealbridge/dealbridge/adapters/auth"
 	"github.com/dealbridge/dealbridge/adapters/crashpoint"
@@ -25,6 +27,7 @@ import (
 	"github.com/dealbridge/dealbridge/adapters/erp/erpsim"
 	"github.com/dealbridge/dealbridge/adapters/erp/tryton"
 	"github.com/dealbridge/dealbridge/adapters/httpapi"
+	"github.com/dealbridge/dealbridge/adapters/metrics"
 	"github.com/dealbridge/dealbridge/adapters/postgres"
 	"github.com/dealbridge/dealbridge/adapters/queue"
 	"github.com/dealbridge/dealbridge/adapters/reconcile"
@@ -107,6 +110,10 @@ type HTTPConfig struct {
 	// BreakerState reports the ERP breaker when this process runs the
 	// saga handler too (dev).
 	BreakerState func() (string, bool)
+	// Metrics, when set, is served at GET /metrics; MetricsAuth makes that
+	// route need a user's session or API token (see httpapi.WithMetrics).
+	Metrics     http.Handler
+	MetricsAuth bool
 }
 
 // HTTPHandler returns the api process's handler: the CRM-facing API and the
@@ -117,7 +124,7 @@ func HTTPHandler(ctx context.Context, pool *pgxpool.Pool, logger *slog.Logger, c
 	store := postgres.NewStore(pool)
 	cfg.Auth.Logger = logger
 	authSvc := auth.New(pool, cfg.Auth)
-	api := httpapi.New(store, logger).WithContext(ctx).WithAuth(authSvc).Handler()
+	api := httpapi.New(store, logger).WithContext(ctx).WithAuth(authSvc).WithMetrics(cfg.Metrics, cfg.MetricsAuth).Handler()
 	dash, err := dashboard.New(store, authSvc, dashboard.Config{Logger: logger, BaseContext: ctx,
 		BreakerState: cfg.BreakerState, CRMOpen: !authSvc.CRMTokenRequired()})
 	if err != nil {
@@ -127,6 +134,9 @@ func HTTPHandler(ctx context.Context, pool *pgxpool.Pool, logger *slog.Logger, c
 	mux.Handle("/api/", api)
 	mux.Handle("/healthz", api)
 	mux.Handle("/readyz", api)
+	if cfg.Metrics != nil {
+		mux.Handle("/metrics", api)
+	}
 	mux.Handle("/", dash.Handler())
 	return mux, nil
 }
@@ -190,6 +200,10 @@ type HandlerConfig struct {
 	// 10m).
 	ReconcileInterval time.Duration
 	ReconcileAfter    time.Duration
+	// Metrics, when set, receives the handler's metrics: ERP calls and
+	// breaker state (ERPPort) and Watermill's router metrics
+	// (RunHandlerWithPort). Nil: none.
+	Metrics prometheus.Registerer
 }
 
 // RunHandler runs the invoice saga handlers until ctx is done.
@@ -253,6 +267,12 @@ func RunHandlerWithPort(ctx context.Context, pool *pgxpool.Pool, port erp.Port, 
 		done := make(chan struct{})
 		go func() { defer close(done); rec.Run(rctx, cfg.ReconcileInterval) }()
 		defer func() { stop(); <-done }()
+	}
+	if cfg.Metrics != nil {
+		// Added after Recoverer and the handlers' poison middleware (the
+		// router runs middleware in the order added), so that it times the
+		// handler itself and sees the errors poison turns into acks.
+		wmetrics.NewPrometheusMetricsBuilder(cfg.Metrics, metrics.Namespace, "router").AddPrometheusRouterMetrics(router)
 	}
 	if err := router.Run(ctx); err != nil {
 		return fmt.Errorf("handler router: %w", err)

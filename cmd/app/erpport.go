@@ -7,6 +7,7 @@ import (
 
 	"github.com/dealbridge/dealbridge/adapters/erp"
 	"github.com/dealbridge/dealbridge/adapters/erp/tryton"
+	"github.com/dealbridge/dealbridge/adapters/metrics"
 )
 
 // ERP adapters selectable with HandlerConfig.ERP (--erp).
@@ -25,13 +26,36 @@ const (
 func ERPPort(cfg HandlerConfig, logger *slog.Logger) (port erp.Port, closePort func(), err error) {
 	bc := cfg.Breaker
 	bc.Logger = logger
+	// With metrics, the client is instrumented inside the breaker: calls
+	// the breaker refuses never reach the ERP and are not ERP calls.
+	instrument := func(p erp.Port) erp.Port { return p }
+	if cfg.Metrics != nil {
+		m, err := metrics.NewERPMetrics(cfg.Metrics)
+		if err != nil {
+			return nil, nil, err
+		}
+		instrument = m.Instrument
+	}
+	breaker := func(p erp.Port) (*erp.Breaker, error) {
+		b := erp.NewBreaker(instrument(p), bc)
+		if cfg.Metrics != nil {
+			if err := metrics.RegisterBreaker(cfg.Metrics, b); err != nil {
+				return nil, err
+			}
+		}
+		return b, nil
+	}
 	switch cfg.ERP {
 	case "", ERPHTTP:
 		if cfg.ERPURL == "" {
 			return nil, nil, errors.New("no ERP URL: set --erp-url or DEALBRIDGE_ERP_URL")
 		}
 		c := erp.NewHTTPClient(erp.HTTPConfig{BaseURL: cfg.ERPURL, Timeout: cfg.ERPTimeout, Logger: logger})
-		return erp.NewBreaker(c, bc), func() {}, nil
+		b, err := breaker(c)
+		if err != nil {
+			return nil, nil, err
+		}
+		return b, func() {}, nil
 	case ERPTryton:
 		tc := cfg.Tryton
 		if tc.Timeout == 0 {
@@ -44,7 +68,11 @@ func ERPPort(cfg HandlerConfig, logger *slog.Logger) (port erp.Port, closePort f
 			return nil, nil, fmt.Errorf("tryton: %w", err)
 		}
 		c := tryton.New(tc)
-		return erp.NewBreaker(c, bc), func() {
+		b, err := breaker(c)
+		if err != nil {
+			return nil, nil, err
+		}
+		return b, func() {
 			if err := c.Close(); err != nil {
 				logger.Debug("tryton logout failed", "err", err)
 			}

@@ -9,7 +9,10 @@ import (
 	"strings"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/dealbridge/dealbridge/adapters/erp"
+	"github.com/dealbridge/dealbridge/adapters/metrics"
 	"github.com/dealbridge/dealbridge/adapters/postgres"
 	"github.com/dealbridge/dealbridge/domain"
 
@@ -35,6 +38,8 @@ func runAPI(ctx context.Context, env Env, args []string) error {
 	f.string(&listen, "listen", "DEALBRIDGE_LISTEN", "127.0.0.1:8080", "address of the HTTP API")
 	var hf httpFlags
 	hf.register(f)
+	var mf metricsFlags
+	mf.register(f, "serve GET /metrics on this separate address, without credentials, instead of on --listen (empty: on --listen)")
 	var mc string
 	f.string(&mc, "maker-checker", "DEALBRIDGE_MAKER_CHECKER", "", "on or off: money edits of dead letters need a second operator (empty: leave the stored setting)")
 	if err := f.parse(args); err != nil {
@@ -61,21 +66,45 @@ func runAPI(ctx context.Context, env Env, args []string) error {
 	if err != nil {
 		return fmt.Errorf("cannot listen on %s: %w", listen, err)
 	}
+	defer ln.Close()
 	hcfg, open, err := hf.config(env, ln.Addr())
 	if err != nil {
-		ln.Close()
 		return err
+	}
+	reg, err := app.NewMetricsRegistry(pool, logger)
+	if err != nil {
+		return err
+	}
+	mln, err := mf.bind()
+	if err != nil {
+		return err
+	}
+	if mln != nil {
+		defer mln.Close()
+		logger.Info("metrics listening", "url", "http://"+mln.Addr().String()+"/metrics")
+	} else {
+		metricsOnAPI(&hcfg, reg, ln.Addr(), logger)
 	}
 	h, err := app.HTTPHandler(ctx, pool, logger, hcfg)
 	if err != nil {
-		ln.Close()
 		return err
 	}
 	if open {
 		logger.Warn("the CRM API runs without a token (loopback only); set DEALBRIDGE_API_TOKEN to require one")
 	}
 	logger.Info("api listening", "url", "http://"+ln.Addr().String(), "dashboard", "http://"+ln.Addr().String()+"/")
-	return app.Serve(ctx, ln, h, logger)
+	return app.RunWithMetrics(ctx, mln, reg, logger, func(ctx context.Context) error { return app.Serve(ctx, ln, h, logger) })
+}
+
+// metricsOnAPI serves the metrics of reg at GET /metrics of the API
+// listener on addr: open on a loopback address, and elsewhere (where the
+// CRM API may face the internet) only to a user's session or API token.
+func metricsOnAPI(cfg *app.HTTPConfig, reg *prometheus.Registry, addr net.Addr, logger *slog.Logger) {
+	cfg.Metrics = metrics.Handler(reg, logger)
+	cfg.MetricsAuth = !isLoopback(addr)
+	if cfg.MetricsAuth {
+		logger.Info("GET /metrics needs a user's API token on a non-loopback address ('dealbridge users token NAME'), or use --metrics-listen")
+	}
 }
 
 type relayFlags struct {
@@ -96,6 +125,8 @@ func runRelay(ctx context.Context, env Env, args []string) error {
 	f := newFlags(env, "relay", "relay [flags]")
 	c.register(f)
 	r.register(f)
+	var mf metricsFlags
+	mf.register(f, "address of a metrics listener: GET /metrics (relay lag, queue, dead letters, ...) and GET /healthz (empty: off)")
 	if err := f.parse(args); err != nil {
 		return err
 	}
@@ -108,8 +139,22 @@ func runRelay(ctx context.Context, env Env, args []string) error {
 		return err
 	}
 	defer pool.Close()
+	var reg *prometheus.Registry
+	mln, err := mf.bind()
+	if err != nil {
+		return err
+	}
+	if mln != nil {
+		defer mln.Close()
+		if reg, err = app.NewMetricsRegistry(pool, logger); err != nil {
+			return err
+		}
+		logger.Info("metrics listening", "url", "http://"+mln.Addr().String()+"/metrics")
+	}
 	logger.Info("relay running")
-	return app.RunRelay(ctx, pool, app.RelayConfig{PollInterval: r.poll, BatchSize: r.batch}, logger)
+	return app.RunWithMetrics(ctx, mln, reg, logger, func(ctx context.Context) error {
+		return app.RunRelay(ctx, pool, app.RelayConfig{PollInterval: r.poll, BatchSize: r.batch}, logger)
+	})
 }
 
 type handlerFlags struct {
@@ -199,6 +244,8 @@ func runHandler(ctx context.Context, env Env, args []string) error {
 	f := newFlags(env, "handler", "handler [flags]")
 	c.register(f)
 	h.register(f, true)
+	var mf metricsFlags
+	mf.register(f, "address of a metrics listener: GET /metrics (ERP calls, router, queue, dead letters, ...) and GET /healthz (empty: off)")
 	if err := f.parse(args); err != nil {
 		return err
 	}
@@ -218,12 +265,27 @@ func runHandler(ctx context.Context, env Env, args []string) error {
 	if err != nil {
 		return err
 	}
+	var reg *prometheus.Registry
+	mln, err := mf.bind()
+	if err != nil {
+		return err
+	}
+	if mln != nil {
+		defer mln.Close()
+		if reg, err = app.NewMetricsRegistry(pool, logger); err != nil {
+			return err
+		}
+		cfg.Metrics = reg
+		logger.Info("metrics listening", "url", "http://"+mln.Addr().String()+"/metrics")
+	}
 	erpTarget := h.erpURL
 	if cfg.ERP == app.ERPTryton {
 		erpTarget = "tryton " + cfg.Tryton.URL + "/" + cfg.Tryton.Database
 	}
 	logger.Info("handler running", "erp", erpTarget, "consumers", h.consumers)
-	return app.RunHandler(ctx, pool, cfg, logger)
+	return app.RunWithMetrics(ctx, mln, reg, logger, func(ctx context.Context) error {
+		return app.RunHandler(ctx, pool, cfg, logger)
+	})
 }
 
 func runERPSim(ctx context.Context, env Env, args []string) error {

@@ -47,6 +47,8 @@ func runDev(ctx context.Context, env Env, args []string) error {
 	h.register(f, false)
 	var hf httpFlags
 	hf.register(f)
+	var mf metricsFlags
+	mf.register(f, "serve GET /metrics on this separate address, without credentials, instead of on --listen (empty: on --listen)")
 	sim.RegisterFlags(f.FlagSet)
 	if err := f.parse(args); err != nil {
 		return err
@@ -86,6 +88,13 @@ func runDev(ctx context.Context, env Env, args []string) error {
 		return fmt.Errorf("cannot listen on %s (--erp-sim-listen): %w", simListen, err)
 	}
 	defer simLn.Close()
+	metricsLn, err := mf.bind()
+	if err != nil {
+		return err
+	}
+	if metricsLn != nil {
+		defer metricsLn.Close()
+	}
 
 	dbURL := c.databaseURL
 	if dbURL == "" {
@@ -139,6 +148,19 @@ func runDev(ctx context.Context, env Env, args []string) error {
 	if err != nil {
 		return err
 	}
+	// One registry for everything this process runs: the pipeline gauges,
+	// the handler's ERP and router metrics.
+	reg, err := app.NewMetricsRegistry(pool, logger)
+	if err != nil {
+		return err
+	}
+	hcfg.Metrics = reg
+	metricsURL := apiURL + "/metrics"
+	if metricsLn != nil {
+		metricsURL = "http://" + metricsLn.Addr().String() + "/metrics"
+	} else {
+		metricsOnAPI(&httpCfg, reg, apiLn.Addr(), logger)
+	}
 	// The handler runs in this process: its breaker's state is knowable.
 	port, closePort, err := app.ERPPort(hcfg, logger)
 	if err != nil {
@@ -170,6 +192,7 @@ Try:
 `, apiURL, h.erpURL, dbURL, dataDir)
 
 	fmt.Fprintf(env.Stdout, "\nDashboard:     %s/\n", apiURL)
+	fmt.Fprintf(env.Stdout, "Metrics:       %s\n", metricsURL)
 	if adminPassword != "" {
 		fmt.Fprintf(env.Stdout, "  first admin:  user admin, password %s (shown once; change users with 'dealbridge users')\n", adminPassword)
 	} else {
@@ -184,6 +207,9 @@ Try:
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return app.Serve(gctx, apiLn, httpHandler, logger) })
 	g.Go(func() error { return app.Serve(gctx, simLn, simSrv.Handler(), logger) })
+	if metricsLn != nil {
+		g.Go(func() error { return app.ServeMetrics(gctx, metricsLn, reg, logger) })
+	}
 	g.Go(func() error {
 		return app.RunRelay(gctx, pool, app.RelayConfig{PollInterval: r.poll, BatchSize: r.batch}, logger)
 	})
