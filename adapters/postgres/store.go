@@ -27,6 +27,7 @@ type Store struct {
 	pool               *pgxpool.Pool
 	beforeCommit       func(ctx context.Context, tx pgx.Tx) error
 	alertNotifications bool
+	invoicePublisher   InvoicePublisher // nil: the outbox (see WithInvoicePublisher)
 }
 
 // WithAlertNotifications makes every alert also write a message to the
@@ -189,6 +190,9 @@ func (s *Store) CloseDeal(ctx context.Context, id string, outcome domain.Outcome
 		if outcome != domain.OutcomeWon {
 			return nil
 		}
+		if s.invoicePublisher != nil {
+			return s.invoicePublisher(ctx, tx, d.InvoiceRequestFor(), meta)
+		}
 		msg, err := invoiceMessage(d.InvoiceRequestFor(), meta)
 		if err != nil {
 			return err
@@ -261,25 +265,9 @@ func (s *Store) SetInventory(ctx context.Context, sku string, available int64, m
 func (s *Store) RecordInvoice(ctx context.Context, dealID, key, number string, meta domain.Metadata) (bool, error) {
 	recorded := false
 	err := s.unit(ctx, func(tx pgx.Tx) error {
-		d, err := loadDealForUpdate(ctx, tx, dealID)
-		if err != nil {
-			return err
-		}
-		var failed int
-		if err := tx.QueryRow(ctx, `SELECT attempts FROM invoice_sagas WHERE idempotency_key=$1`, key).Scan(&failed); err != nil &&
-			!errors.Is(err, pgx.ErrNoRows) {
-			return fmt.Errorf("cannot read saga %s: %w", key, err)
-		}
-		change, err := d.RecordInvoice(key, number, failed+1)
-		if err != nil || change == nil {
-			return err
-		}
-		if _, err := appendAndProject(ctx, tx, meta, *change); err != nil {
-			return err
-		}
-		recorded = true
-		// A re-injected dead letter of this saga is resolved by its success.
-		return resolveReinjectedTx(ctx, tx, dealID, key, number, meta)
+		var err error
+		recorded, err = recordInvoiceTx(ctx, tx, dealID, key, number, meta)
+		return err
 	})
 	if err != nil {
 		return false, fmt.Errorf("cannot record invoice for deal %s: %w", dealID, err)

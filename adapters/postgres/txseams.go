@@ -1,0 +1,72 @@
+package postgres
+
+import (
+	"context"
+	"errors"
+	"fmt"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/dealbridge/dealbridge/domain"
+)
+
+// Transaction seams: small, additive entry points that let code outside
+// this package take part in a Store's units of work with its own writes.
+// The benchmark (cmd/internal/bench) uses them to run the same close and
+// record transactions over another job queue (River) for comparison; the
+// service itself never sets them.
+
+// InvoicePublisher writes the invoice request of a deal just won, inside
+// the close transaction tx, after the deal, inventory and event writes. A
+// non-nil error rolls the whole close back (nothing changes, the caller of
+// CloseDeal gets the error): the request is published if and only if the
+// close commits.
+type InvoicePublisher func(ctx context.Context, tx pgx.Tx, req domain.InvoiceRequest, meta domain.Metadata) error
+
+// WithInvoicePublisher makes CloseDeal publish a won deal's invoice request
+// with p instead of writing it to the outbox (outbox.InvoiceTopic), for
+// instance by inserting a job of another queue in the same transaction.
+// Only CloseDeal is affected: re-injects of dead letters still go through
+// the outbox. nil keeps the outbox.
+func WithInvoicePublisher(p InvoicePublisher) Option {
+	return func(s *Store) { s.invoicePublisher = p }
+}
+
+// RecordInvoiceTx is RecordInvoice inside the caller's transaction tx:
+// InvoiceCreated is appended and the deal projected as invoiced, or nothing
+// is done and false is returned when the invoice of key was already
+// recorded. Nothing is durable until the caller commits tx; if tx rolls
+// back, so does the recording. Use it to record the invoice atomically with
+// the caller's own writes (e.g. completing a job of another queue).
+func (s *Store) RecordInvoiceTx(ctx context.Context, tx pgx.Tx, dealID, key, number string, meta domain.Metadata) (bool, error) {
+	recorded, err := recordInvoiceTx(ctx, tx, dealID, key, number, meta)
+	if err != nil {
+		return false, fmt.Errorf("cannot record invoice for deal %s: %w", dealID, err)
+	}
+	return recorded, nil
+}
+
+// recordInvoiceTx is the body of RecordInvoice and RecordInvoiceTx.
+func recordInvoiceTx(ctx context.Context, tx pgx.Tx, dealID, key, number string, meta domain.Metadata) (bool, error) {
+	d, err := loadDealForUpdate(ctx, tx, dealID)
+	if err != nil {
+		return false, err
+	}
+	var failed int
+	if err := tx.QueryRow(ctx, `SELECT attempts FROM invoice_sagas WHERE idempotency_key=$1`, key).Scan(&failed); err != nil &&
+		!errors.Is(err, pgx.ErrNoRows) {
+		return false, fmt.Errorf("cannot read saga %s: %w", key, err)
+	}
+	change, err := d.RecordInvoice(key, number, failed+1)
+	if err != nil || change == nil {
+		return false, err
+	}
+	if _, err := appendAndProject(ctx, tx, meta, *change); err != nil {
+		return false, err
+	}
+	// A re-injected dead letter of this saga is resolved by its success.
+	if err := resolveReinjectedTx(ctx, tx, dealID, key, number, meta); err != nil {
+		return false, err
+	}
+	return true, nil
+}
