@@ -67,6 +67,7 @@ func TestLegacyLogReplaysIntoTodaysProjections(t *testing.T) {
 
 	// Only the log exists: the replay produces every row.
 	rep := replay(t, pool, projections.Options{Verify: true})
+	requireMethod(t, rep, projections.MethodFold)
 	if rep.Events != int64(n) {
 		t.Fatalf("replayed %d events, the fixture has %d", rep.Events, n)
 	}

@@ -26,13 +26,24 @@ import (
 //
 // A replay reads the log in ONE repeatable-read, read-only transaction: a
 // consistent snapshot that holds no transaction id, so it never delays the
-// relay (I5) however long it runs. It folds the events with Apply — the very
-// code that maintains the live tables — into UNLOGGED copies of the tables
-// of Tables() in ShadowSchema, in short write transactions of
-// Options.BatchSize events with pipelined statements, through
-// Options.Writers connections that each own a partition of the streams
-// (partitionOf). The tests in this package are the evidence that replay
-// equals live: realistic concurrent runs, then --verify.
+// relay (I5) however long it runs. It rebuilds UNLOGGED copies of the
+// tables of Tables() in ShadowSchema, starting from empty tables, in one of
+// two ways that give the same tables (TestFoldEqualsApply):
+//
+//   - fold (the default): Options.Writers goroutines, each owning a
+//     partition of the streams (partitionOf), fold the events into rows in
+//     memory with foldEvent, Apply's twin (fold.go); the final rows are
+//     then written with COPY, so Postgres only sorts and sends the log and
+//     loads the final rows. Every row of the projections is held in memory
+//     until the COPY.
+//   - apply (Options.OneByOne, and the fallback whenever the fold meets
+//     something it does not model exactly): the events are folded with
+//     Apply — the very code that maintains the live tables — in short write
+//     transactions of Options.BatchSize events with pipelined statements,
+//     through Options.Writers connections that each own a partition.
+//
+// The tests in this package are the evidence that replay equals live:
+// realistic concurrent runs, then --verify.
 //
 // Order. events.position is a sequence value and not commit order: a
 // transaction may take its position, then wait for a row lock held by a
@@ -88,7 +99,21 @@ type Options struct {
 	Schema string
 	// Tables overrides Tables() (tests).
 	Tables []string
+	// OneByOne rebuilds with Apply, event by event, as the live path does,
+	// instead of folding in memory and writing the final rows with COPY
+	// (fold.go). Slower; the two give the same tables (TestFoldEqualsApply),
+	// and a rebuild falls back to it by itself whenever the fold does not
+	// model a log exactly.
+	OneByOne bool
 }
+
+// Rebuild methods (Report.Method).
+const (
+	// MethodFold folds the events in memory and writes the rows with COPY.
+	MethodFold = "fold"
+	// MethodApply runs Apply's statements event by event.
+	MethodApply = "apply"
+)
 
 // Progress of a running rebuild.
 type Progress struct {
@@ -103,8 +128,12 @@ type Report struct {
 	ShadowSchema string        `json:"shadow_schema"`
 	Events       int64         `json:"events"`
 	Elapsed      time.Duration `json:"rebuild_ns"`
-	Verified     bool          `json:"verified"`
-	Swapped      bool          `json:"swapped"`
+	// Method is how the rebuild ran (MethodFold or MethodApply), and
+	// Fallback why it did not fold in memory when it did not.
+	Method   string `json:"method"`
+	Fallback string `json:"fallback,omitempty"`
+	Verified bool   `json:"verified"`
+	Swapped  bool   `json:"swapped"`
 	// CaughtUp counts the events committed after the snapshot and applied
 	// during the swap.
 	CaughtUp int64         `json:"caught_up,omitempty"`
@@ -164,6 +193,9 @@ func (r Report) EventsPerSecond() float64 {
 func (r Report) Format(w io.Writer) {
 	fmt.Fprintf(w, "rebuilt %d events into schema %s in %s (%.0f events/s), snapshot %s\n",
 		r.Events, r.ShadowSchema, r.Elapsed.Round(time.Millisecond), r.EventsPerSecond(), r.Snapshot)
+	if r.Fallback != "" {
+		fmt.Fprintf(w, "  rebuilt event by event (%s)\n", r.Fallback)
+	}
 	for _, t := range r.Tables {
 		switch {
 		case !r.Verified:
@@ -284,7 +316,23 @@ func Replay(ctx context.Context, pool *pgxpool.Pool, opts Options) (Report, erro
 	// statement arguments): collecting less often measurably speeds it up.
 	defer debug.SetGCPercent(debug.SetGCPercent(400))
 	start := time.Now()
-	n, err := rebuild(ctx, rtx, connect, total, start, opts, tables)
+	rep.Method = MethodFold
+	if opts.OneByOne {
+		rep.Method = MethodApply
+	} else if why, err := foldSupported(ctx, writer, opts.Schema, tables); err != nil {
+		return rep, err
+	} else if why != "" {
+		rep.Method, rep.Fallback = MethodApply, why
+	}
+	n, err := rebuild(ctx, rtx, connect, total, start, opts, rep.Method == MethodFold)
+	if u := (*foldUnsupported)(nil); errors.As(err, &u) && ctx.Err() == nil {
+		// Apply decides what this log means: start again, one by one.
+		rep.Method, rep.Fallback = MethodApply, u.reason
+		if err := createShadow(ctx, writer, live, opts.Schema, tables); err != nil {
+			return rep, err
+		}
+		n, err = rebuild(ctx, rtx, connect, total, start, opts, false)
+	}
 	rep.Events, rep.Elapsed = n, time.Since(start)
 	if err != nil {
 		return rep, err
@@ -390,7 +438,8 @@ const shadowFillFactor = "30"
 // above Replay).
 const replayOrder = ` ORDER BY c.commit_seq NULLS FIRST, e.position`
 
-const selectEvents = `SELECT e.position, e.stream_id, e.stream_version, e.type, e.schema_version, e.payload, e.metadata, e.recorded_at
+// selectEvents reads what a rebuild needs of each event (not its metadata).
+const selectEvents = `SELECT e.position, e.stream_id, e.stream_version, e.type, e.schema_version, e.payload, e.recorded_at
 	FROM events e LEFT JOIN event_commits c ON c.txid = e.txid`
 
 // partitionOf names the owner of the rows an event's projection writes:
@@ -412,11 +461,12 @@ func partitionOf(streamID string) string {
 	return streamID
 }
 
-// rebuild streams the log from rtx and folds it into the shadow tables
-// through opts.Writers connections of their own. Reading, decoding and
-// folding run concurrently. (Folding into session-local temporary tables
-// and copying them out was measured: no faster with two writers.)
-func rebuild(ctx context.Context, rtx pgx.Tx, connect func() (*pgx.Conn, error), total int64, start time.Time, opts Options, tables []string) (int64, error) {
+// rebuild streams the log from rtx and folds it into the shadow tables,
+// in memory (fold.go) and then with COPY when fold is set, otherwise one
+// event at a time with Apply through opts.Writers connections of their own.
+// Reading, decoding and folding run concurrently; events are partitioned by
+// owner (partitionOf) among opts.Writers goroutines.
+func rebuild(ctx context.Context, rtx pgx.Tx, connect func() (*pgx.Conn, error), total int64, start time.Time, opts Options, fold bool) (int64, error) {
 	// Sorting the whole log is the one big step of the read; let it happen
 	// in memory.
 	if _, err := rtx.Exec(ctx, `SET LOCAL work_mem = '256MB'; SET LOCAL jit = off`); err != nil {
@@ -442,135 +492,203 @@ func rebuild(ctx context.Context, rtx pgx.Tx, connect func() (*pgx.Conn, error),
 		}
 	}
 
-	const chunk = 500
 	chans := make([]chan []rawEvent, len(workers))
 	for i := range chans {
 		chans[i] = make(chan []rawEvent, 8)
 	}
 	g, gctx := errgroup.WithContext(ctx)
-	g.Go(func() error {
-		defer func() {
-			for _, ch := range chans {
-				close(ch)
-			}
-		}()
-		rows, err := rtx.Query(gctx, selectEvents+replayOrder)
+	g.Go(func() error { return readLog(gctx, rtx, chans) })
+	p := &progress{opts: opts, total: total, start: start}
+	p.last.Store(time.Now().UnixNano())
+	states := make([]*foldState, len(workers))
+	for w, conn := range workers {
+		ch := chans[w]
+		if fold {
+			states[w] = newFoldState()
+			g.Go(func() error { return foldWorker(ch, states[w], p) })
+		} else {
+			g.Go(func() error { return applyWorker(ctx, gctx, conn, ch, opts.BatchSize, p) })
+		}
+	}
+	if err := g.Wait(); err != nil {
+		return p.done.Load(), fmt.Errorf("replay stopped after %d events: %w", p.done.Load(), err)
+	}
+	if fold {
+		if err := copyAll(ctx, workers, opts.Schema, copyTables(states)); err != nil {
+			return p.done.Load(), err
+		}
+	}
+	if opts.Progress != nil {
+		opts.Progress(Progress{Done: p.done.Load(), Total: total, Elapsed: time.Since(start)})
+	}
+	return p.done.Load(), nil
+}
+
+// readLog reads the log in replay order and sends it in chunks to chans,
+// each event to the channel of its owner (partitionOf).
+func readLog(ctx context.Context, rtx pgx.Tx, chans []chan []rawEvent) error {
+	const chunk = 500
+	defer func() {
+		for _, ch := range chans {
+			close(ch)
+		}
+	}()
+	rows, err := rtx.Query(ctx, selectEvents+replayOrder)
+	if err != nil {
+		return fmt.Errorf("cannot read the event log: %w", err)
+	}
+	defer rows.Close()
+	bufs := make([][]rawEvent, len(chans))
+	send := func(i int) error {
+		select {
+		case chans[i] <- bufs[i]:
+			bufs[i] = make([]rawEvent, 0, chunk)
+			return nil
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	h := fnv.New32a()
+	for rows.Next() {
+		r, err := scanRaw(rows)
 		if err != nil {
-			return fmt.Errorf("cannot read the event log: %w", err)
+			return err
 		}
-		defer rows.Close()
-		bufs := make([][]rawEvent, len(chans))
-		send := func(i int) error {
-			select {
-			case chans[i] <- bufs[i]:
-				bufs[i] = make([]rawEvent, 0, chunk)
-				return nil
-			case <-gctx.Done():
-				return gctx.Err()
+		h.Reset()
+		_, _ = h.Write([]byte(partitionOf(r.rec.StreamID)))
+		i := int(h.Sum32() % uint32(len(chans)))
+		bufs[i] = append(bufs[i], r)
+		if len(bufs[i]) >= chunk {
+			if err := send(i); err != nil {
+				return err
 			}
 		}
-		h := fnv.New32a()
-		for rows.Next() {
-			r, err := scanRaw(rows)
+	}
+	if err := rows.Err(); err != nil {
+		return fmt.Errorf("cannot read the event log: %w", err)
+	}
+	for i := range bufs {
+		if len(bufs[i]) > 0 {
+			if err := send(i); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// progress counts folded events and reports them every opts.ProgressEvery.
+type progress struct {
+	opts  Options
+	total int64
+	start time.Time
+	done  atomic.Int64
+	last  atomic.Int64
+}
+
+func (p *progress) add(n int) {
+	done := p.done.Add(int64(n))
+	last := p.last.Load()
+	if p.opts.Progress != nil && time.Since(time.Unix(0, last)) >= p.opts.ProgressEvery &&
+		p.last.CompareAndSwap(last, time.Now().UnixNano()) {
+		p.opts.Progress(Progress{Done: done, Total: p.total, Elapsed: time.Since(p.start)})
+	}
+}
+
+// foldWorker folds its partition's events into state.
+func foldWorker(ch <-chan []rawEvent, state *foldState, p *progress) error {
+	for recs := range ch {
+		for _, raw := range recs {
+			r, err := raw.decode()
 			if err != nil {
 				return err
 			}
-			h.Reset()
-			_, _ = h.Write([]byte(partitionOf(r.rec.StreamID)))
-			i := int(h.Sum32() % uint32(len(chans)))
-			bufs[i] = append(bufs[i], r)
-			if len(bufs[i]) >= chunk {
-				if err := send(i); err != nil {
-					return err
-				}
+			if err := state.foldEvent(raw, r); err != nil {
+				return err
 			}
 		}
-		if err := rows.Err(); err != nil {
-			return fmt.Errorf("cannot read the event log: %w", err)
-		}
-		for i := range bufs {
-			if len(bufs[i]) > 0 {
-				if err := send(i); err != nil {
-					return err
-				}
-			}
-		}
-		return nil
-	})
-	var done atomic.Int64
-	var lastReport atomic.Int64
-	lastReport.Store(time.Now().UnixNano())
-	for w, conn := range workers {
-		ch := chans[w]
+		p.add(len(recs))
+	}
+	return nil
+}
+
+// copyAll writes the folded tables with COPY, spread over the connections.
+func copyAll(ctx context.Context, conns []*pgx.Conn, schema string, tables []copyTable) error {
+	jobs := make(chan copyTable, len(tables))
+	for _, t := range tables {
+		jobs <- t
+	}
+	close(jobs)
+	g, gctx := errgroup.WithContext(ctx)
+	for _, conn := range conns {
 		g.Go(func() error {
-			x := &batchExecer{}
-			inTx := 0
-			defer func() {
-				if x.tx != nil {
-					_ = x.tx.Rollback(context.WithoutCancel(ctx))
-				}
-			}()
-			for recs := range ch {
-				for _, raw := range recs {
-					r, err := raw.decode()
-					if err != nil {
-						return err
-					}
-					if x.tx == nil {
-						tx, err := conn.Begin(gctx)
-						if err != nil {
-							return fmt.Errorf("cannot begin: %w", err)
-						}
-						x.reset(tx)
-					}
-					x.cur = r
-					if err := Apply(gctx, x, r); err != nil {
-						return err
-					}
-					inTx++
-					if inTx >= opts.BatchSize {
-						if err := x.commit(gctx); err != nil {
-							return err
-						}
-						inTx = 0
-					}
-				}
-				n := done.Add(int64(len(recs)))
-				last := lastReport.Load()
-				if opts.Progress != nil && time.Since(time.Unix(0, last)) >= opts.ProgressEvery &&
-					lastReport.CompareAndSwap(last, time.Now().UnixNano()) {
-					opts.Progress(Progress{Done: n, Total: total, Elapsed: time.Since(start)})
-				}
-			}
-			if x.tx != nil {
-				if err := x.commit(gctx); err != nil {
+			for t := range jobs {
+				if err := copyOut(gctx, conn, schema, t); err != nil {
 					return err
 				}
 			}
 			return nil
 		})
 	}
-	if err := g.Wait(); err != nil {
-		return done.Load(), fmt.Errorf("replay stopped after %d events: %w", done.Load(), err)
+	return g.Wait()
+}
+
+// applyWorker folds its partition's events with Apply, in transactions of
+// batchSize events with pipelined statements.
+func applyWorker(ctx, gctx context.Context, conn *pgx.Conn, ch <-chan []rawEvent, batchSize int, p *progress) error {
+	x := &batchExecer{}
+	inTx := 0
+	defer func() {
+		if x.tx != nil {
+			_ = x.tx.Rollback(context.WithoutCancel(ctx))
+		}
+	}()
+	for recs := range ch {
+		for _, raw := range recs {
+			r, err := raw.decode()
+			if err != nil {
+				return err
+			}
+			if x.tx == nil {
+				tx, err := conn.Begin(gctx)
+				if err != nil {
+					return fmt.Errorf("cannot begin: %w", err)
+				}
+				x.reset(tx)
+			}
+			x.cur = r
+			if err := Apply(gctx, x, r); err != nil {
+				return err
+			}
+			inTx++
+			if inTx >= batchSize {
+				if err := x.commit(gctx); err != nil {
+					return err
+				}
+				inTx = 0
+			}
+		}
+		p.add(len(recs))
 	}
-	if opts.Progress != nil {
-		opts.Progress(Progress{Done: done.Load(), Total: total, Elapsed: time.Since(start)})
+	if x.tx != nil {
+		if err := x.commit(gctx); err != nil {
+			return err
+		}
 	}
-	return done.Load(), nil
+	return nil
 }
 
 // rawEvent is an event as read, before decoding (which the writers do, in
-// parallel).
+// parallel). A rebuild does not read the metadata: no projection uses it.
 type rawEvent struct {
-	rec      domain.RecordedEvent
-	typ      string
-	payload  []byte
-	metadata []byte
+	rec     domain.RecordedEvent
+	typ     string
+	payload []byte
 }
 
 func scanRaw(rows pgx.Rows) (rawEvent, error) {
 	var r rawEvent
-	if err := rows.Scan(&r.rec.Position, &r.rec.StreamID, &r.rec.StreamVersion, &r.typ, &r.rec.SchemaVersion, &r.payload, &r.metadata, &r.rec.RecordedAt); err != nil {
+	if err := rows.Scan(&r.rec.Position, &r.rec.StreamID, &r.rec.StreamVersion, &r.typ, &r.rec.SchemaVersion, &r.payload, &r.rec.RecordedAt); err != nil {
 		return r, fmt.Errorf("cannot read event: %w", err)
 	}
 	return r, nil
@@ -583,9 +701,6 @@ func (raw rawEvent) decode() (domain.RecordedEvent, error) {
 		return r, fmt.Errorf("event %d (%s/%d): %w", r.Position, r.StreamID, r.StreamVersion, err)
 	}
 	r.Event = e
-	if err := json.Unmarshal(raw.metadata, &r.Metadata); err != nil {
-		return r, fmt.Errorf("event %d metadata: %w", r.Position, err)
-	}
 	return r, nil
 }
 

@@ -240,6 +240,7 @@ func TestReplayVerifyAfterConcurrentRun(t *testing.T) {
 	if rep.Drift() {
 		t.Fatalf("replay differs from live:\n%s", buf.String())
 	}
+	requireMethod(t, rep, projections.MethodFold)
 	var n int64
 	if err := pool.QueryRow(t.Context(), `SELECT count(*) FROM events`).Scan(&n); err != nil {
 		t.Fatal(err)
