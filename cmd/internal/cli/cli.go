@@ -44,6 +44,7 @@ func commands() []command {
 		{"replay", "rebuild every projection from the event log (--verify compares with live, --swap puts it live)", runReplay},
 		{"audit", "verify the event log's hash chain (audit verify) or list operator actions (audit list)", runAudit},
 		{"reconcile", "look up won deals without an invoice in the ERP: record found invoices, alert on missing ones", runReconcile},
+		{"bench", "benchmark: the close ceiling, dealbridge end to end and River side by side, with a report (bench --out DIR, --quick)", runBench},
 	}
 }
 
