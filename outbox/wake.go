@@ -1,6 +1,8 @@
 package outbox
 
 import (
+	"context"
+	"errors"
 	"time"
 
 	"github.com/ThreeDotsLabs/watermill"
@@ -55,6 +57,9 @@ func (b *wakeBackoff) notify() {
 func (b *wakeBackoff) HandleError(logger watermill.LoggerAdapter, noMsg bool, err error) time.Duration {
 	if err != nil {
 		b.empty = 0
+		if errors.Is(err, context.Canceled) {
+			return 0 // shutting down: the subscriber's loop sees it next
+		}
 		return b.errors.HandleError(logger, noMsg, err)
 	}
 	if !noMsg {
