@@ -291,3 +291,21 @@ func TestBadEnvironmentValue(t *testing.T) {
 		}
 	}
 }
+
+// TestMigrateFlagsAfterAction: the usage line reads "migrate up|down|status
+// [flags]", so flags after the action work as well as before it.
+func TestMigrateFlagsAfterAction(t *testing.T) {
+	url := pgtest.NewDatabase(t)
+	for _, args := range [][]string{
+		{"migrate", "up", "--database-url", url},
+		{"migrate", "--database-url", url, "status"},
+		{"migrate", "status", "--database-url", url, "--log-level", "warn"},
+	} {
+		if code, _, errOut := run(t, nil, args...); code != 0 {
+			t.Errorf("%q: exit %d: %s", args, code, errOut)
+		}
+	}
+	if code, _, _ := run(t, nil, "migrate", "up", "--database-url", url, "down"); code != 2 {
+		t.Errorf("migrate with an action on each side of the flags: exit %d, want 2", code)
+	}
+}

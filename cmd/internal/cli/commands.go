@@ -324,10 +324,19 @@ func runMigrate(ctx context.Context, env Env, args []string) error {
 	var c common
 	f := newFlags(env, "migrate", "migrate up|down|status [flags]")
 	c.register(f)
+	// The action may come before the flags (as the usage line shows) or
+	// after them.
+	var action string
+	if len(args) > 0 && !strings.HasPrefix(args[0], "-") {
+		action, args = args[0], args[1:]
+	}
 	if err := f.parse(args); err != nil {
 		return err
 	}
-	if f.NArg() != 1 {
+	switch {
+	case action == "" && f.NArg() == 1:
+		action = f.Arg(0)
+	case action == "" || f.NArg() != 0:
 		return &usageError{msg: "expected one of: up, down, status"}
 	}
 	if err := c.requireDB(); err != nil {
@@ -338,7 +347,7 @@ func runMigrate(ctx context.Context, env Env, args []string) error {
 		return err
 	}
 	defer pool.Close()
-	switch f.Arg(0) {
+	switch action {
 	case "up":
 		if err := migrations.Up(ctx, pool); err != nil {
 			return err
@@ -354,5 +363,5 @@ func runMigrate(ctx context.Context, env Env, args []string) error {
 	case "status":
 		return migrations.Status(ctx, pool, env.Stdout)
 	}
-	return &usageError{msg: fmt.Sprintf("unknown migrate action %q: expected up, down or status", f.Arg(0))}
+	return &usageError{msg: fmt.Sprintf("unknown migrate action %q: expected up, down or status", action)}
 }
