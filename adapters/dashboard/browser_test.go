@@ -343,7 +343,9 @@ func TestBrowserScenario(t *testing.T) {
 	bad, _ := json.MarshalIndent(req, "", "  ")
 	b.do(chromedp.SetValue(css("#payload-input"), string(bad)),
 		chromedp.SendKeys(css("#edit-reason"), "customer moved to the new account"),
-		chromedp.Click(css("#save-edit")), chromedp.WaitVisible(css("#payload-error")))
+		// #payload-error is always on the page (empty until an error), so
+		// wait for the server's answer: the textarea marked invalid.
+		chromedp.Click(css("#save-edit")), chromedp.WaitVisible(css("#payload-input.invalid")))
 	if msg := b.text("#payload-error"); !strings.Contains(msg, "currency") {
 		t.Errorf("inline validation error: %q", msg)
 	}

@@ -76,19 +76,11 @@ func (d *Dashboard) collect(ctx context.Context) (*overviewData, error) {
 		return err
 	})
 	g.Go(func() error {
-		// The relay's position is (last_processed_transaction_id,
-		// offset_acked); every outbox row after it is not relayed yet.
-		var age float64
-		err := d.pool.QueryRow(gctx, `SELECT count(*), COALESCE(EXTRACT(EPOCH FROM LOCALTIMESTAMP - min(o.created_at)), 0)::float8
-			FROM watermill_outbox o
-			LEFT JOIN watermill_offsets_outbox f ON f.consumer_group = $1
-			WHERE f.consumer_group IS NULL
-			   OR (o.transaction_id, o."offset") > (f.last_processed_transaction_id, COALESCE(f.offset_acked, 0))`,
-			outbox.ConsumerGroup).Scan(&o.Unrelayed, &age)
-		o.RelayLag = time.Duration(age * float64(time.Second))
+		b, err := outbox.MeasureBacklog(gctx, d.pool)
 		if err != nil {
-			return fmt.Errorf("cannot measure relay lag: %w", err)
+			return err
 		}
+		o.Unrelayed, o.RelayLag = int(b.Messages), b.OldestAge
 		return nil
 	})
 	g.Go(func() error {

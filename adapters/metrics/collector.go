@@ -154,7 +154,7 @@ func (c *Collector) collectUnreconciled(ctx context.Context, ch chan<- prometheu
 }
 
 func (c *Collector) collectRelay(ctx context.Context, ch chan<- prometheus.Metric) error {
-	b, err := MeasureRelayBacklog(ctx, c.pool)
+	b, err := outbox.MeasureBacklog(ctx, c.pool)
 	if err != nil {
 		return err
 	}

@@ -7,7 +7,7 @@ import (
 	"time"
 
 	"github.com/dealbridge/dealbridge/adapters/erp/erpsim"
-	"github.com/dealbridge/dealbridge/adapters/metrics"
+	"github.com/dealbridge/dealbridge/outbox"
 )
 
 // Sample is one point of the timeline. DB and ERP fields are -1 when the
@@ -33,7 +33,7 @@ func (r *run) unrelayed(ctx context.Context) (int, float64, error) {
 	var age *float64
 	var err error
 	if r.naive == nil {
-		b, err := metrics.MeasureRelayBacklog(ctx, r.db)
+		b, err := outbox.MeasureBacklog(ctx, r.db)
 		return int(b.Messages), b.OldestAge.Seconds(), err
 	}
 	err = r.db.QueryRow(ctx, `SELECT count(*), extract(epoch FROM localtimestamp - min(created_at))::float8

@@ -1,4 +1,4 @@
-package metrics
+package outbox
 
 import (
 	"context"
@@ -6,8 +6,6 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
-
-	"github.com/dealbridge/dealbridge/outbox"
 )
 
 // Querier runs one query returning one row: a *pgxpool.Pool, *pgx.Conn or
@@ -16,8 +14,8 @@ type Querier interface {
 	QueryRow(ctx context.Context, sql string, args ...any) pgx.Row
 }
 
-// RelayBacklog is what the relay has not passed yet.
-type RelayBacklog struct {
+// Backlog is what the relay has not passed yet.
+type Backlog struct {
 	// Messages is the outbox rows after the relay's position.
 	Messages int64
 	// OldestAge is the age of the oldest of them (0 when there is none):
@@ -35,15 +33,15 @@ const relayBacklogSQL = `SELECT count(*), COALESCE(EXTRACT(EPOCH FROM LOCALTIMES
 	WHERE NOT EXISTS (SELECT 1 FROM watermill_offsets_outbox c WHERE c.consumer_group = $1
 	      AND (o.transaction_id, o."offset") <= (c.last_processed_transaction_id, COALESCE(c.offset_acked, 0)))`
 
-// MeasureRelayBacklog counts the outbox rows the relay (consumer group
-// outbox.ConsumerGroup) has not relayed yet and measures the age of the
+// MeasureBacklog counts the outbox rows the relay (consumer group
+// ConsumerGroup) has not relayed yet and measures the age of the
 // oldest, on the database clock. It is one aggregate query over the
 // unrelayed rows, meant for scrapes and checkers.
-func MeasureRelayBacklog(ctx context.Context, db Querier) (RelayBacklog, error) {
-	var b RelayBacklog
+func MeasureBacklog(ctx context.Context, db Querier) (Backlog, error) {
+	var b Backlog
 	var age float64
-	if err := db.QueryRow(ctx, relayBacklogSQL, outbox.ConsumerGroup).Scan(&b.Messages, &age); err != nil {
-		return RelayBacklog{}, fmt.Errorf("cannot measure the relay backlog: %w", err)
+	if err := db.QueryRow(ctx, relayBacklogSQL, ConsumerGroup).Scan(&b.Messages, &age); err != nil {
+		return Backlog{}, fmt.Errorf("cannot measure the relay backlog: %w", err)
 	}
 	// A row inserted after this statement's LOCALTIMESTAMP in another
 	// session's clock reading can make the difference slightly negative.
