@@ -105,7 +105,7 @@ type Config struct {
 	// (default 1000).
 	SKUs int
 	// PoolDeals is the number of open deals in the template (default
-	// 3000/s × Phase, at least what the fastest open-loop rate needs). A
+	// 2000/s × Phase, at least what the fastest open-loop rate needs). A
 	// phase that uses them up ends early, and says so.
 	PoolDeals int
 	// ReplayEvents is the size of the seeded log the replay rebuilds
@@ -151,7 +151,7 @@ func (c Config) withDefaults() Config {
 	c.BulkDeals = cmp.Or(c.BulkDeals, 100)
 	c.BulkPerDeal = cmp.Or(c.BulkPerDeal, 10)
 	if c.PoolDeals == 0 {
-		need := 3000 * c.Phase.Seconds()
+		need := 2000 * c.Phase.Seconds()
 		for _, r := range c.Rates {
 			need = max(need, r*c.Phase.Seconds()*1.1)
 		}

@@ -149,9 +149,8 @@ func waitReady(ctx context.Context, pool *pgxpool.Pool, erpURL string, children 
 		}
 		for app, n := range want {
 			var got int
-			// Each process opens at least one connection: count distinct
-			// client ports' processes is not possible, so count backends
-			// and require one per process.
+			// Every process opens at least one connection under its
+			// application_name (the warm-up then proves them all working).
 			if err := pool.QueryRow(ctx, `SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND application_name = $1`, app).Scan(&got); err != nil {
 				return err
 			}

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"maps"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"runtime"
 	"runtime/debug"
@@ -103,7 +104,26 @@ func describeMachine(ctx context.Context, s *server) Machine {
 			}
 		}
 	}
+	if m.Revision == "" {
+		m.Revision = gitRevision(ctx)
+	}
 	return m
+}
+
+// gitRevision is the working directory's git revision, for a binary built
+// without VCS stamping (go run, -buildvcs=false); "" when unknown.
+func gitRevision(ctx context.Context) string {
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, "git", "rev-parse", "--short=12", "HEAD").Output()
+	if err != nil {
+		return ""
+	}
+	rev := strings.TrimSpace(string(out))
+	if exec.CommandContext(ctx, "git", "diff", "--quiet", "HEAD", "--").Run() != nil {
+		rev += " (with uncommitted changes)"
+	}
+	return rev
 }
 
 func describeConfig(c Config) map[string]string {

@@ -40,7 +40,7 @@ func runBench(ctx context.Context, env Env, args []string) error {
 	f.int(&cfg.MaxBacklog, "max-backlog", "DEALBRIDGE_BENCH_MAX_BACKLOG", 0, "deals closed and not yet invoiced at which the maximum-rate closers wait (default 2000)")
 	f.duration(&cfg.RelayPoll, "relay-poll-interval", "DEALBRIDGE_BENCH_RELAY_POLL_INTERVAL", 0, "the relay's --relay-poll-interval (default: the relay's default)")
 	f.duration(&cfg.QueuePoll, "queue-poll-interval", "DEALBRIDGE_BENCH_QUEUE_POLL_INTERVAL", 0, "the handlers' --queue-poll-interval (default: the handler's default)")
-	f.int(&cfg.PoolDeals, "pool-deals", "DEALBRIDGE_BENCH_POOL_DEALS", 0, "open deals prepared in the template (default 3000/s × phase)")
+	f.int(&cfg.PoolDeals, "pool-deals", "DEALBRIDGE_BENCH_POOL_DEALS", 0, "open deals prepared in the template (default 2000/s × phase, or what the fastest rate needs)")
 	f.int(&cfg.ReplayEvents, "replay-events", "DEALBRIDGE_BENCH_REPLAY_EVENTS", 0, "events in the log the replay rebuilds (default 100000; negative: skip)")
 	f.int(&cfg.BulkDeals, "bulk-deals", "DEALBRIDGE_BENCH_BULK_DEALS", 0, "deals with dead letters to bulk re-inject (default 100; negative: skip)")
 	f.int(&cfg.BulkPerDeal, "bulk-per-deal", "DEALBRIDGE_BENCH_BULK_PER_DEAL", 0, "dead letters per deal (default 10)")
