@@ -5,9 +5,13 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"sync"
+	"time"
 
 	"github.com/ThreeDotsLabs/watermill"
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"golang.org/x/sync/errgroup"
 	"golang.org/x/time/rate"
 
 	"github.com/dealbridge/dealbridge/domain"
@@ -105,14 +109,33 @@ type BulkProgress struct {
 	Pending     int    `json:"pending"`
 }
 
+// Bulk re-inject throughput. Re-injecting one entry (reinjectTx) takes
+// about ten statements, each a round trip; one entry per transaction added
+// four more, and one sequential loop left the cores idle while it waited.
+// RunBulkReinject therefore runs bulkWorkers transactions at a time, each
+// worker owning the deals whose hash falls in its partition (so every
+// deal's entries are still re-injected one after the other, in order), and
+// re-injects up to bulkBatch entries per transaction, without a savepoint
+// per entry unless one is refused (BenchmarkBulkReinject).
+const (
+	bulkWorkers = 4
+	bulkBatch   = 8
+	// bulkRetries bounds the retries of a batch that lost a deadlock (two
+	// workers re-instating deals with common SKUs lock inventory rows in
+	// different orders).
+	bulkRetries = 20
+)
+
 // RunBulkReinject re-injects the pending items of operation id, oldest
-// first (so each deal's entries keep their order), at most perSecond per
-// second (0: unlimited). Each item is re-injected in its own transaction
-// that also marks it done, so running it again after a crash re-injects
-// every item exactly once. An item that can no longer be re-injected (its
-// entry was discarded meanwhile, or hit the loop guard) is skipped with the
-// reason. When ctx is cancelled it returns the progress so far and a nil
-// error (check ctx.Err()): run it again to resume.
+// first per deal (so each deal's entries keep their order), at most
+// perSecond per second (0: unlimited). Items of different deals run
+// concurrently on up to bulkWorkers connections (one fewer than the pool
+// has), several items per transaction; each transaction also marks its
+// items done, so running it again after a crash re-injects every item
+// exactly once. An item that can no longer be re-injected (its entry was
+// discarded meanwhile, or hit the loop guard) is skipped with the reason.
+// When ctx is cancelled it returns the progress so far and a nil error
+// (check ctx.Err()): run it again to resume.
 func (s *Store) RunBulkReinject(ctx context.Context, id string, perSecond float64, maxReinjects int, progress func(BulkProgress)) (BulkProgress, error) {
 	var (
 		reason, actor, role, state string
@@ -127,69 +150,229 @@ func (s *Store) RunBulkReinject(ctx context.Context, id string, perSecond float6
 	if err != nil {
 		return BulkProgress{}, fmt.Errorf("cannot read bulk operation %s: %w", id, err)
 	}
-	a := Actor{Name: actor, Role: role}
+	// An interruption (ctx cancelled) is not a failure: the progress so far
+	// is returned with a nil error, and the caller resumes later.
+	interrupted := func() (BulkProgress, error) { return s.BulkStatus(context.WithoutCancel(ctx), id) }
+
+	// Entries without a deal could belong to any deal's saga: with any of
+	// them pending, the run keeps one global order, on one worker.
+	workers := min(bulkWorkers, max(1, int(s.pool.Config().MaxConns)-1))
+	var undealt bool
+	if err := s.pool.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM bulk_operation_items
+		WHERE operation_id=$1 AND state='pending' AND deal_id IS NULL)`, id).Scan(&undealt); err != nil {
+		if ctx.Err() != nil {
+			return interrupted()
+		}
+		return BulkProgress{}, fmt.Errorf("cannot read bulk operation %s: %w", id, err)
+	}
+	if undealt {
+		workers = 1
+	}
 	lim := rate.NewLimiter(rate.Inf, 1)
 	if perSecond > 0 {
 		lim = rate.NewLimiter(rate.Limit(perSecond), 1)
 	}
-	// An interruption (ctx cancelled) is not a failure: the progress so far
-	// is returned with a nil error, and the caller resumes later.
-	interrupted := func() (BulkProgress, error) { return s.BulkStatus(context.WithoutCancel(ctx), id) }
-	for {
-		if err := lim.Wait(ctx); err != nil {
+	r := &bulkRun{s: s, id: id, opt: ReinjectOptions{Reason: reason, OperationID: id, MaxReinjects: maxReinjects},
+		actor: Actor{Name: actor, Role: role}, lim: lim, workers: workers, progress: progress}
+	g, gctx := errgroup.WithContext(ctx)
+	for w := range workers {
+		g.Go(func() error { return r.work(gctx, w) })
+	}
+	if err := g.Wait(); err != nil {
+		if ctx.Err() != nil || errors.Is(err, errBulkInterrupted) {
+			return interrupted() // a batch's transaction rolled back: its items are still pending
+		}
+		return BulkProgress{}, err
+	}
+	if ctx.Err() != nil {
+		return interrupted()
+	}
+	if err := s.unit(ctx, func(tx pgx.Tx) error {
+		_, err := tx.Exec(ctx, `UPDATE bulk_operations SET state='done', updated_at=now() WHERE id=$1`, id)
+		return err
+	}); err != nil {
+		if ctx.Err() != nil {
 			return interrupted()
 		}
-		var (
-			seq  int
-			dlID string
-		)
-		done := false
-		err := s.unit(ctx, func(tx pgx.Tx) error {
-			err := tx.QueryRow(ctx, `SELECT seq, dead_letter_id::text FROM bulk_operation_items
-				WHERE operation_id=$1 AND state='pending' ORDER BY seq LIMIT 1 FOR UPDATE SKIP LOCKED`, id).Scan(&seq, &dlID)
-			if errors.Is(err, pgx.ErrNoRows) {
-				done = true
-				_, err = tx.Exec(ctx, `UPDATE bulk_operations SET state='done', updated_at=now() WHERE id=$1`, id)
-				return err
+		return BulkProgress{}, fmt.Errorf("bulk operation %s: %w", id, err)
+	}
+	return s.BulkStatus(ctx, id)
+}
+
+// bulkRun is one run of a bulk operation, shared by its workers.
+type bulkRun struct {
+	s        *Store
+	id       string
+	opt      ReinjectOptions
+	actor    Actor
+	lim      *rate.Limiter
+	workers  int
+	progress func(BulkProgress)
+
+	mu        sync.Mutex // serialises progress calls
+	processed int        // items done or skipped by this run
+}
+
+// work re-injects the pending items of partition w, batch after batch, in
+// seq order. after is the last seq this worker has handled: its partition's
+// items up to there are done or skipped. Items are locked without SKIP
+// LOCKED: an item still held by the transaction of an interrupted run (its
+// backend not yet gone) is waited for, never overtaken by the deal's next
+// entry. A last pass from the start is a safety net for anything pending
+// behind the cursor.
+func (r *bulkRun) work(ctx context.Context, w int) error {
+	after, fromStart := 0, false
+	for {
+		if err := r.lim.Wait(ctx); err != nil {
+			return errBulkInterrupted // cancelled, or its deadline comes first
+		}
+		n, last, err := r.batchWithRetries(ctx, w, after)
+		if err != nil {
+			return err
+		}
+		if n == 0 {
+			if fromStart || after == 0 {
+				return nil
 			}
-			if err != nil {
-				return err
+			after, fromStart = 0, true
+			continue
+		}
+		after = last
+		r.advance(ctx, n)
+	}
+}
+
+func (r *bulkRun) batchWithRetries(ctx context.Context, w, after int) (n, last int, err error) {
+	careful := false
+	for attempt := 1; ; attempt++ {
+		n, last, err = r.batch(ctx, w, after, careful)
+		if errors.Is(err, errRefusedInBatch) {
+			// Run the batch again with a savepoint around each item, so
+			// that the refused one is skipped and the others are kept.
+			careful = true
+			continue
+		}
+		var pgErr *pgconn.PgError
+		if err != nil && ctx.Err() == nil && errors.As(err, &pgErr) && (pgErr.Code == "40P01" || pgErr.Code == "40001") && attempt < bulkRetries {
+			// Lost a deadlock to another worker: the whole batch rolled
+			// back; run it again.
+			select {
+			case <-ctx.Done():
+				return 0, 0, ctx.Err()
+			case <-time.After(time.Duration(attempt) * 5 * time.Millisecond):
 			}
-			// A savepoint: a refused item is skipped without losing the
-			// transaction that records the skip.
+			continue
+		}
+		return n, last, err
+	}
+}
+
+// errBulkInterrupted: a worker stopped because the run's context ends
+// before the rate limit lets it go on.
+var errBulkInterrupted = errors.New("bulk run interrupted")
+
+// errRefusedInBatch: an item of a batch run without savepoints was refused.
+var errRefusedInBatch = errors.New("an item of the batch was refused")
+
+// batch re-injects, in one transaction, up to bulkBatch pending items of
+// partition w with seq > after, and marks them done (or skipped). The
+// caller has taken the rate limiter's token for the first item; a batch
+// ends early rather than wait for the next one with its transaction open.
+// It returns how many items it handled and the last one's seq.
+//
+// Unless careful, it runs the items without savepoints (two round trips
+// fewer per item), and a refused item rolls the whole batch back with
+// errRefusedInBatch: the caller runs it again carefully, each item in a
+// savepoint, so that the refused item is skipped without losing the
+// transaction that records the skip.
+func (r *bulkRun) batch(ctx context.Context, w, after int, careful bool) (n, last int, err error) {
+	type item struct {
+		seq  int
+		dlID string
+	}
+	var done []int
+	err = r.s.unit(ctx, func(tx pgx.Tx) error {
+		done, n, last = done[:0], 0, 0
+		rows, err := tx.Query(ctx, `SELECT seq, dead_letter_id::text FROM bulk_operation_items
+			WHERE operation_id=$1 AND state='pending' AND seq > $2 AND ($3 = 1 OR abs(hashtext(deal_id::text)) % $3 = $4)
+			ORDER BY seq LIMIT $5 FOR UPDATE`, r.id, after, r.workers, w, bulkBatch)
+		if err != nil {
+			return err
+		}
+		items, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) (item, error) {
+			var it item
+			return it, row.Scan(&it.seq, &it.dlID)
+		})
+		if err != nil {
+			return err
+		}
+		for i, it := range items {
+			if i > 0 && !r.lim.Allow() {
+				break
+			}
+			if !careful {
+				if _, err := r.s.reinjectTx(ctx, tx, it.dlID, r.opt, r.actor); err != nil {
+					if refusal(err) {
+						return errRefusedInBatch
+					}
+					return fmt.Errorf("item %d: %w", it.seq, err)
+				}
+				done = append(done, it.seq)
+				n, last = n+1, it.seq
+				continue
+			}
 			sp, err := tx.Begin(ctx)
 			if err != nil {
 				return err
 			}
-			_, rerr := s.reinjectTx(ctx, sp, dlID, ReinjectOptions{Reason: reason, OperationID: id, MaxReinjects: maxReinjects}, a)
+			_, rerr := r.s.reinjectTx(ctx, sp, it.dlID, r.opt, r.actor)
 			if rerr != nil {
 				_ = sp.Rollback(ctx)
 				if !refusal(rerr) {
-					return rerr
+					return fmt.Errorf("item %d: %w", it.seq, rerr)
 				}
-				_, err = tx.Exec(ctx, `UPDATE bulk_operation_items SET state='skipped', detail=$3 WHERE operation_id=$1 AND seq=$2`, id, seq, rerr.Error())
+				if _, err := tx.Exec(ctx, `UPDATE bulk_operation_items SET state='skipped', detail=$3 WHERE operation_id=$1 AND seq=$2`,
+					r.id, it.seq, rerr.Error()); err != nil {
+					return err
+				}
+			} else {
+				if err := sp.Commit(ctx); err != nil {
+					return err
+				}
+				done = append(done, it.seq)
+			}
+			n, last = n+1, it.seq
+		}
+		if len(done) > 0 {
+			if _, err := tx.Exec(ctx, `UPDATE bulk_operation_items SET state='done' WHERE operation_id=$1 AND seq = ANY($2)`, r.id, done); err != nil {
 				return err
 			}
-			if err := sp.Commit(ctx); err != nil {
-				return err
-			}
-			_, err = tx.Exec(ctx, `UPDATE bulk_operation_items SET state='done' WHERE operation_id=$1 AND seq=$2`, id, seq)
-			return err
-		})
-		if err != nil {
-			if ctx.Err() != nil {
-				return interrupted() // the item's transaction rolled back: still pending
-			}
-			return BulkProgress{}, fmt.Errorf("bulk operation %s, item %d: %w", id, seq, err)
 		}
-		if done {
-			return s.BulkStatus(ctx, id)
-		}
-		if progress != nil && seq%100 == 0 {
-			if p, err := s.BulkStatus(ctx, id); err == nil {
-				progress(p)
-			}
-		}
+		return nil
+	})
+	if errors.Is(err, errRefusedInBatch) {
+		return 0, 0, err
+	}
+	if err != nil {
+		return 0, 0, fmt.Errorf("bulk operation %s: %w", r.id, err)
+	}
+	return n, last, nil
+}
+
+// advance counts n handled items and reports progress about every 100.
+func (r *bulkRun) advance(ctx context.Context, n int) {
+	if r.progress == nil {
+		return
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	before := r.processed
+	r.processed += n
+	if r.processed/100 == before/100 {
+		return
+	}
+	if p, err := r.s.BulkStatus(ctx, r.id); err == nil {
+		r.progress(p)
 	}
 }
 
