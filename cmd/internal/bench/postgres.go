@@ -4,6 +4,7 @@ import (
 	"context"
 	crand "crypto/rand"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"log/slog"
 	"maps"
@@ -63,6 +64,10 @@ func openServer(ctx context.Context, cfg Config, workDir string) (*server, error
 		s.cluster, s.settings = c, settings
 		s.adminURL = c.URL("postgres")
 	}
+	if u, err := url.Parse(s.adminURL); err != nil || (u.Scheme != "postgres" && u.Scheme != "postgresql") {
+		s.close(ctx)
+		return nil, errors.New("bench: --database-url must be a postgres:// URL (each phase connects to a database of its own on that server)")
+	}
 	admin, err := pgxpool.New(ctx, s.adminURL)
 	if err != nil {
 		s.close(ctx)
@@ -86,9 +91,9 @@ func openServer(ctx context.Context, cfg Config, workDir string) (*server, error
 
 // url returns the URL of database name on the server.
 func (s *server) url(name string) string {
-	u, err := url.Parse(s.adminURL)
+	u, err := url.Parse(s.adminURL) // checked by openServer
 	if err != nil {
-		return s.adminURL // connection strings in key=value form are not supported
+		return s.adminURL
 	}
 	u.Path = "/" + name
 	return u.String()

@@ -15,7 +15,7 @@ var kindColor = map[string]string{KindCeiling: "#7f7f7f", KindDealbridge: "#1f77
 func (r *Result) SVG() string {
 	const (
 		W     = 900.0
-		left  = 260.0
+		left  = 300.0
 		right = 90.0
 		rowH  = 20.0
 	)
