@@ -287,6 +287,11 @@ func Replay(ctx context.Context, pool *pgxpool.Pool, opts Options) (Report, erro
 	if !locked {
 		return rep, errors.New("another replay is running on this database")
 	}
+	// Unlock explicitly: closing the connection releases the lock only when
+	// the server notices, after a next replay may already have tried it.
+	defer func() {
+		_, _ = writer.Exec(context.WithoutCancel(ctx), `SELECT pg_advisory_unlock($1)`, int64(replayLockKey))
+	}()
 
 	rtx, err := reader.BeginTx(ctx, pgx.TxOptions{IsoLevel: pgx.RepeatableRead, AccessMode: pgx.ReadOnly})
 	if err != nil {
