@@ -27,7 +27,8 @@ const Topic = "outbox"
 // PublishTx writes msgs, addressed to destTopic, into the outbox through tx.
 // They are relayed if and only if tx commits; if tx is rolled back they are
 // gone with it. The caller commits or rolls back tx, and must check the
-// error of Commit.
+// error of Commit. When tx is a WriteMarker it is told, so that the relays
+// can be woken after the commit (Notifier).
 func PublishTx(ctx context.Context, tx pgx.Tx, destTopic string, msgs ...*message.Message) error {
 	// A watermill-sql publisher is bound to one transaction handle, so it is
 	// built per transaction; it is a small struct and costs nothing.
@@ -36,6 +37,9 @@ func PublishTx(ctx context.Context, tx pgx.Tx, destTopic string, msgs ...*messag
 	}, watermill.NopLogger{})
 	if err != nil {
 		return fmt.Errorf("cannot create outbox publisher: %w", err)
+	}
+	if m, ok := tx.(WriteMarker); ok {
+		m.MarkOutboxWrite()
 	}
 	fwd := forwarder.NewPublisher(pub, forwarder.PublisherConfig{ForwarderTopic: Topic})
 	for _, m := range msgs {

@@ -685,12 +685,14 @@ func TestRelayOffsetAndPostgresPublishAreAtomic(t *testing.T) {
 }
 
 // TestRelayWakesOnNotify: with a poll interval of an hour, rows committed to
-// an idle relay are relayed because the outbox trigger's NOTIFY wakes it —
-// each of several rows, one after another, and a burst.
+// an idle relay are relayed because the Notifier's NOTIFY after the commit
+// wakes it — each of several rows, one after another, and a burst from
+// concurrent writers whose notifications coalesce.
 func TestRelayWakesOnNotify(t *testing.T) {
 	ctx := t.Context()
 	pool := newPool(t, 8)
 	rec := newRecorder()
+	n := outbox.NewNotifier(pool, nil)
 	startRelay(t, pool, rec, outbox.RelayConfig{PollInterval: time.Hour})
 	for i := range 3 {
 		time.Sleep(300 * time.Millisecond) // the relay settles into its idle wait
@@ -699,29 +701,40 @@ func TestRelayWakesOnNotify(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
+		n.Notify(ctx)
 		waitFor(t, 20*time.Second, "the notified relay to deliver "+uuid, func() bool { return rec.delivered(uuid) })
 		t.Logf("row %d relayed %v after its commit", i+1, time.Since(start).Round(time.Millisecond))
 	}
-	var burst []string
-	for range 50 {
-		uuid, err := publishCommitted(ctx, pool)
-		if err != nil {
-			t.Fatal(err)
-		}
-		burst = append(burst, uuid)
+	time.Sleep(300 * time.Millisecond)
+	var (
+		mu    sync.Mutex
+		burst []string
+		wg    sync.WaitGroup
+	)
+	for range 8 {
+		wg.Go(func() {
+			for range 10 {
+				uuid, err := publishCommitted(ctx, pool)
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				mu.Lock()
+				burst = append(burst, uuid)
+				mu.Unlock()
+				n.Notify(ctx)
+			}
+		})
 	}
-	waitFor(t, 20*time.Second, "a burst of 50 rows", func() bool { return len(rec.missing(burst)) == 0 })
+	wg.Wait()
+	waitFor(t, 20*time.Second, "a burst of 80 rows from 8 writers", func() bool { return len(rec.missing(burst)) == 0 })
 }
 
-// TestRelayPollsWithoutNotify: NOTIFY is only a wake-up. With the trigger
-// gone (as if every notification were lost) the relay still delivers, by
-// polling.
+// TestRelayPollsWithoutNotify: NOTIFY is only a wake-up. Without it (as if
+// every notification were lost) the relay still delivers, by polling.
 func TestRelayPollsWithoutNotify(t *testing.T) {
 	ctx := t.Context()
 	pool := newPool(t, 8)
-	if _, err := pool.Exec(ctx, `ALTER TABLE watermill_outbox DISABLE TRIGGER watermill_outbox_notify`); err != nil {
-		t.Fatal(err)
-	}
 	rec := newRecorder()
 	startRelay(t, pool, rec, outbox.RelayConfig{PollInterval: 200 * time.Millisecond})
 	time.Sleep(300 * time.Millisecond)

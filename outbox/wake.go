@@ -9,8 +9,8 @@ import (
 	wsql "github.com/ThreeDotsLabs/watermill-sql/v4/pkg/sql"
 )
 
-// NotifyChannel is the channel a trigger on the outbox table notifies when
-// rows commit (see migrations/00010_outbox_notify.sql).
+// NotifyChannel is the channel relays LISTEN on; writers notify it after
+// committing outbox rows (Notifier).
 const NotifyChannel = "dealbridge_outbox"
 
 // rampSteps is how many quick retries (1ms … 64ms) follow rows or a wake-up.

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"sync/atomic"
 	"time"
 
 	"github.com/ThreeDotsLabs/watermill"
@@ -28,6 +29,7 @@ type Store struct {
 	beforeCommit       func(ctx context.Context, tx pgx.Tx) error
 	alertNotifications bool
 	invoicePublisher   InvoicePublisher // nil: the outbox (see WithInvoicePublisher)
+	notifier           *outbox.Notifier // wakes the relays after commits that wrote the outbox
 }
 
 // WithAlertNotifications makes every alert also write a message to the
@@ -51,7 +53,7 @@ func NewStore(pool *pgxpool.Pool, opts ...Option) *Store {
 	if pool == nil {
 		panic("postgres.NewStore: nil pool")
 	}
-	s := &Store{pool: pool}
+	s := &Store{pool: pool, notifier: outbox.NewNotifier(pool, nil)}
 	for _, o := range opts {
 		o(s)
 	}
@@ -69,7 +71,8 @@ func (s *Store) unit(ctx context.Context, fn func(tx pgx.Tx) error) error {
 		return fmt.Errorf("cannot begin transaction: %w", err)
 	}
 	defer func() { _ = tx.Rollback(context.WithoutCancel(ctx)) }()
-	if err := fn(tx); err != nil {
+	mt := markedTx{Tx: tx, wrote: new(atomic.Bool)}
+	if err := fn(mt); err != nil {
 		return err
 	}
 	if s.beforeCommit != nil {
@@ -80,7 +83,28 @@ func (s *Store) unit(ctx context.Context, fn func(tx pgx.Tx) error) error {
 	if err := tx.Commit(ctx); err != nil {
 		return fmt.Errorf("cannot commit: %w", err)
 	}
+	if mt.wrote.Load() {
+		s.notifier.Notify(ctx)
+	}
 	return nil
+}
+
+// markedTx is a unit's transaction as fn sees it: it records whether
+// outbox.PublishTx wrote through it (or through a savepoint of it), so that
+// the relays are woken once the unit has committed.
+type markedTx struct {
+	pgx.Tx
+	wrote *atomic.Bool
+}
+
+func (t markedTx) MarkOutboxWrite() { t.wrote.Store(true) }
+
+func (t markedTx) Begin(ctx context.Context) (pgx.Tx, error) {
+	sp, err := t.Tx.Begin(ctx)
+	if err != nil {
+		return nil, err
+	}
+	return markedTx{Tx: sp, wrote: t.wrote}, nil
 }
 
 // appendAndProject appends every change and applies the projections.
