@@ -110,16 +110,16 @@ type BulkProgress struct {
 }
 
 // Bulk re-inject throughput. Re-injecting one entry (reinjectTx) takes
-// about ten statements, each a round trip; one entry per transaction added
-// four more, and one sequential loop left the cores idle while it waited.
-// RunBulkReinject therefore runs bulkWorkers transactions at a time, each
-// worker owning the deals whose hash falls in its partition (so every
-// deal's entries are still re-injected one after the other, in order), and
+// seven statements, but only two round trips: its reads go together with
+// the previous entry's last writes (pipe), then its events are appended.
+// RunBulkReinject runs bulkWorkers transactions at a time, each worker
+// owning the deals whose hash falls in its partition (so every deal's
+// entries are still re-injected one after the other, in order), and
 // re-injects up to bulkBatch entries per transaction, without a savepoint
 // per entry unless one is refused (BenchmarkBulkReinject).
 const (
 	bulkWorkers = 4
-	bulkBatch   = 8
+	bulkBatch   = 16
 	// bulkRetries bounds the retries of a batch that lost a deadlock (two
 	// workers re-instating deals with common SKUs lock inventory rows in
 	// different orders).
@@ -306,12 +306,15 @@ func (r *bulkRun) batch(ctx context.Context, w, after int, careful bool) (n, las
 		if err != nil {
 			return err
 		}
+		// Each item's last writes travel with the next item's reads, the
+		// last item's with the marking of the items (pipe).
+		p := newPipe(tx)
 		for i, it := range items {
 			if i > 0 && !r.lim.Allow() {
 				break
 			}
 			if !careful {
-				if _, err := r.s.reinjectTx(ctx, tx, it.dlID, r.opt, r.actor); err != nil {
+				if _, err := r.s.reinjectTx(ctx, p, it.dlID, r.opt, r.actor); err != nil {
 					if refusal(err) {
 						return errRefusedInBatch
 					}
@@ -325,7 +328,11 @@ func (r *bulkRun) batch(ctx context.Context, w, after int, careful bool) (n, las
 			if err != nil {
 				return err
 			}
-			_, rerr := r.s.reinjectTx(ctx, sp, it.dlID, r.opt, r.actor)
+			sp1 := newPipe(sp)
+			_, rerr := r.s.reinjectTx(ctx, sp1, it.dlID, r.opt, r.actor)
+			if rerr == nil {
+				rerr = sp1.send(ctx) // before the savepoint ends
+			}
 			if rerr != nil {
 				_ = sp.Rollback(ctx)
 				if !refusal(rerr) {
@@ -344,11 +351,9 @@ func (r *bulkRun) batch(ctx context.Context, w, after int, careful bool) (n, las
 			n, last = n+1, it.seq
 		}
 		if len(done) > 0 {
-			if _, err := tx.Exec(ctx, `UPDATE bulk_operation_items SET state='done' WHERE operation_id=$1 AND seq = ANY($2)`, r.id, done); err != nil {
-				return err
-			}
+			p.queue("cannot mark items done", `UPDATE bulk_operation_items SET state='done' WHERE operation_id=$1 AND seq = ANY($2)`, r.id, done)
 		}
-		return nil
+		return p.send(ctx)
 	})
 	if errors.Is(err, errRefusedInBatch) {
 		return 0, 0, err

@@ -15,10 +15,12 @@ import (
 	"github.com/ThreeDotsLabs/watermill"
 	"github.com/ThreeDotsLabs/watermill/message"
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 
 	"github.com/dealbridge/dealbridge/adapters/queue"
 	"github.com/dealbridge/dealbridge/domain"
 	"github.com/dealbridge/dealbridge/outbox"
+	"github.com/dealbridge/dealbridge/projections"
 )
 
 // Actor is who performs an operator action, as the audit log records it.
@@ -85,6 +87,16 @@ func hashOf(b []byte) *string {
 // auditTx appends an audit row through tx: the action and its record commit
 // together or not at all (invariant I7).
 func auditTx(ctx context.Context, tx pgx.Tx, a Actor, action, targetType, targetID, reason string, before, after []byte, diff json.RawMessage, opID string) error {
+	if _, err := tx.Exec(ctx, auditSQL, auditArgs(a, action, targetType, targetID, reason, before, after, diff, opID)...); err != nil {
+		return fmt.Errorf("cannot write audit log: %w", err)
+	}
+	return nil
+}
+
+const auditSQL = `INSERT INTO audit_log (actor, role, action, target_type, target_id, reason, before_hash, after_hash, diff, request_id, operation_id)
+		VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11)`
+
+func auditArgs(a Actor, action, targetType, targetID, reason string, before, after []byte, diff json.RawMessage, opID string) []any {
 	var op, req any
 	if opID != "" {
 		op = opID
@@ -96,13 +108,112 @@ func auditTx(ctx context.Context, tx pgx.Tx, a Actor, action, targetType, target
 	if len(diff) > 0 {
 		d = []byte(diff)
 	}
-	_, err := tx.Exec(ctx, `INSERT INTO audit_log (actor, role, action, target_type, target_id, reason, before_hash, after_hash, diff, request_id, operation_id)
-		VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11)`,
-		a.Name, a.Role, action, targetType, targetID, reason, hashOf(before), hashOf(after), d, req, op)
-	if err != nil {
-		return fmt.Errorf("cannot write audit log: %w", err)
+	return []any{a.Name, a.Role, action, targetType, targetID, reason, hashOf(before), hashOf(after), d, req, op}
+}
+
+// pipe sends the statements of a transaction in as few round trips as it
+// can. Writes whose results are only checked (a re-inject's projections,
+// outbox message and audit row) are queued, and travel with the
+// transaction's next reads (send) — in a bulk run, with the next entry's
+// reads. The server runs a batch's statements one after the other, in the
+// order they were queued, each seeing the ones before it, so every read
+// sees every write queued before it, and the transaction commits what it
+// did with one round trip per statement; only a failed write is reported
+// later, by the send that carried it (and it fails the transaction as
+// before). Whoever holds a pipe sends it before any statement of its own
+// that must follow the queued ones (a savepoint's release, COMMIT).
+type pipe struct {
+	tx pgx.Tx
+	b  *pgx.Batch
+}
+
+func newPipe(tx pgx.Tx) *pipe { return &pipe{tx: tx, b: &pgx.Batch{}} }
+
+// queue adds a write; a failure is reported as what: err.
+func (p *pipe) queue(what, sql string, args ...any) {
+	p.b.Queue(sql, args...).Fn = func(br pgx.BatchResults) error {
+		if _, err := br.Exec(); err != nil {
+			return fmt.Errorf("%s: %w", what, err)
+		}
+		return nil
+	}
+}
+
+// send runs what is queued (writes, then reads with their callbacks) in
+// one round trip, and returns the first failure.
+func (p *pipe) send(ctx context.Context) error {
+	if p.b.Len() == 0 {
+		return nil
+	}
+	b := p.b
+	p.b = &pgx.Batch{}
+	return p.tx.SendBatch(ctx, b).Close()
+}
+
+// appendAndProject appends the changes' events (each append a round trip:
+// it returns what the log stored) and queues their projections.
+func (p *pipe) appendAndProject(ctx context.Context, meta domain.Metadata, changes ...domain.Change) error {
+	for _, c := range changes {
+		recs, err := AppendTx(ctx, p.tx, c, meta)
+		if err != nil {
+			return err
+		}
+		for _, r := range recs {
+			if err := projections.Apply(ctx, projectionQueue{p: p, r: r}, r); err != nil {
+				return err
+			}
+		}
 	}
 	return nil
+}
+
+// projectionQueue is the projections.Execer of a pipe, for event r. Every
+// statement of a projection must touch exactly one row (projections' exec1
+// checks the count it is given): the statement is queued, exec1 is told one
+// row, and the real count is checked when the batch comes back, as a
+// replay's pipelined projections do (projections/rebuild.go). Queued
+// projections may run after the appends that follow them in the same
+// entry: they write other rows than those, and no statement reads in
+// between.
+type projectionQueue struct {
+	p *pipe
+	r domain.RecordedEvent
+}
+
+func (q projectionQueue) Exec(_ context.Context, sql string, args ...any) (pgconn.CommandTag, error) {
+	r := q.r
+	q.p.b.Queue(sql, args...).Fn = func(br pgx.BatchResults) error {
+		tag, err := br.Exec()
+		if err == nil && tag.RowsAffected() != 1 {
+			err = fmt.Errorf("expected 1 row, touched %d", tag.RowsAffected())
+		}
+		if err != nil {
+			return fmt.Errorf("cannot project %s event %s/%d: %w", r.Event.EventType(), r.StreamID, r.StreamVersion, err)
+		}
+		return nil
+	}
+	return pgconn.NewCommandTag("UPDATE 1"), nil
+}
+
+// queuedTx is tx as outbox.PublishTx sees it: its Exec — the one statement
+// the watermill publisher runs, whose result it ignores — is queued on p.
+type queuedTx struct {
+	pgx.Tx
+	p    *pipe
+	what string
+}
+
+func (t queuedTx) Exec(_ context.Context, sql string, args ...any) (pgconn.CommandTag, error) {
+	t.p.queue(t.what, sql, args...)
+	return pgconn.CommandTag{}, nil
+}
+
+// MarkOutboxWrite passes outbox.PublishTx's mark on to the transaction
+// (the unit of work wakes the relays after it commits).
+func (t queuedTx) MarkOutboxWrite() {
+	if m, ok := t.Tx.(outbox.WriteMarker); ok {
+		m.MarkOutboxWrite()
+	}
 }
 
 // loadDeadLetterForUpdate locks the entry's row (the state guard: concurrent
@@ -307,9 +418,12 @@ type ReinjectResult struct {
 func (s *Store) ReinjectDeadLetter(ctx context.Context, id string, opt ReinjectOptions, a Actor) (ReinjectResult, error) {
 	var res ReinjectResult
 	err := s.unit(ctx, func(tx pgx.Tx) error {
+		p := newPipe(tx)
 		var err error
-		res, err = s.reinjectTx(ctx, tx, id, opt, a)
-		return err
+		if res, err = s.reinjectTx(ctx, p, id, opt, a); err != nil {
+			return err
+		}
+		return p.send(ctx)
 	})
 	var se *domain.StateError
 	if errors.As(err, &se) {
@@ -321,8 +435,72 @@ func (s *Store) ReinjectDeadLetter(ctx context.Context, id string, opt ReinjectO
 	return res, nil
 }
 
-func (s *Store) reinjectTx(ctx context.Context, tx pgx.Tx, id string, opt ReinjectOptions, a Actor) (ReinjectResult, error) {
-	dl, err := loadDeadLetterForUpdate(ctx, tx, id)
+// reinjectTx re-injects entry id in p's transaction. Its reads go in one
+// round trip, together with the writes still queued on p: the row lock on
+// the entry (the state guard), then — each statement after the lock, so
+// that it sees what the lock waited for — the entry's stream, and its deal,
+// locked only when the entry is open (as the checks below would lock it).
+// The outbox message and the audit row are left queued on p: the caller
+// sends them.
+func (s *Store) reinjectTx(ctx context.Context, p *pipe, id string, opt ReinjectOptions, a Actor) (ReinjectResult, error) {
+	if !validUUID(id) {
+		return ReinjectResult{}, fmt.Errorf("dead letter %q: %w", id, domain.ErrNotFound)
+	}
+	tx := p.tx
+	var (
+		evs     []domain.Event // the entry's stream
+		ahead   *domain.Deal   // the entry's deal, locked; nil when not read
+		aheadOK bool
+	)
+	// A callback's error would make pgx forget the batch's prepared
+	// statements: an entry that is not there is reported after the batch.
+	var found bool
+	p.b.Queue(`SELECT 1 FROM dead_letters WHERE id=$1 FOR UPDATE`, id).QueryRow(func(row pgx.Row) error {
+		var one int
+		err := row.Scan(&one)
+		if errors.Is(err, pgx.ErrNoRows) {
+			return nil
+		}
+		if err != nil {
+			return fmt.Errorf("cannot lock dead letter %s: %w", id, err)
+		}
+		found = true
+		return nil
+	})
+	p.b.Queue(`SELECT type, schema_version, payload FROM events WHERE stream_id=$1 ORDER BY stream_version`,
+		domain.DeadLetterStream(id)).Query(func(rows pgx.Rows) error {
+		for rows.Next() {
+			var (
+				typ     string
+				sv      int
+				payload []byte
+			)
+			if err := rows.Scan(&typ, &sv, &payload); err != nil {
+				return fmt.Errorf("cannot read event: %w", err)
+			}
+			e, err := domain.DecodeEvent(typ, sv, payload)
+			if err != nil {
+				return fmt.Errorf("event %d of %s: %w", len(evs)+1, domain.DeadLetterStream(id), err)
+			}
+			evs = append(evs, e)
+		}
+		return rows.Err()
+	})
+	p.b.Queue(dealColumns+` WHERE id=(SELECT deal_id FROM dead_letters WHERE id=$1 AND state='open') FOR UPDATE`, id).
+		QueryRow(func(row pgx.Row) error {
+			// Any failure to read it here is met again, and reported, by
+			// loadDealForUpdate below.
+			d, err := scanDeal(row)
+			ahead, aheadOK = d, err == nil
+			return nil
+		})
+	if err := p.send(ctx); err != nil {
+		return ReinjectResult{}, err
+	}
+	if !found {
+		return ReinjectResult{}, fmt.Errorf("dead letter %s: %w", id, domain.ErrNotFound)
+	}
+	dl, err := domain.RehydrateDeadLetter(evs)
 	if err != nil {
 		return ReinjectResult{}, err
 	}
@@ -344,9 +522,13 @@ func (s *Store) reinjectTx(ctx context.Context, tx pgx.Tx, id string, opt Reinje
 	if dl.Key != req.IdempotencyKey && strings.HasPrefix(dl.Key, req.IdempotencyKey+":r") {
 		req.IdempotencyKey = dl.Key
 	}
-	d, err := loadDealForUpdate(ctx, tx, req.DealID)
-	if err != nil {
-		return ReinjectResult{}, fmt.Errorf("deal %s: %w", req.DealID, err)
+	d := ahead
+	if !aheadOK || d.ID() != req.DealID {
+		// Not read ahead: the entry has no deal of its own (a poison
+		// message's), or the deal could not be read.
+		if d, err = loadDealForUpdate(ctx, tx, req.DealID); err != nil {
+			return ReinjectResult{}, fmt.Errorf("deal %s: %w", req.DealID, err)
+		}
 	}
 	key := req.IdempotencyKey
 	if opt.NewKey {
@@ -392,7 +574,7 @@ func (s *Store) reinjectTx(ctx context.Context, tx pgx.Tx, id string, opt Reinje
 		return ReinjectResult{}, &domain.StateError{ID: id, State: "for a deal that is " + string(d.Status()) +
 			" (key " + d.InvoiceKey() + ")", Action: "re-inject", Err: domain.ErrStateConflict}
 	}
-	if _, err := appendAndProject(ctx, tx, a.meta(), changes...); err != nil {
+	if err := p.appendAndProject(ctx, a.meta(), changes...); err != nil {
 		return ReinjectResult{}, err
 	}
 	req.IdempotencyKey = key
@@ -409,7 +591,8 @@ func (s *Store) reinjectTx(ctx context.Context, tx pgx.Tx, id string, opt Reinje
 		m.Metadata.Set(outbox.MetadataCorrelationID, a.RequestID)
 	}
 	queue.SetOrderingKey(m, req.DealID)
-	if err := outbox.PublishTx(ctx, tx, dl.Topic, m); err != nil {
+	qtx := queuedTx{Tx: tx, p: p, what: fmt.Sprintf("cannot write the outbox message of dead letter %s", id)}
+	if err := outbox.PublishTx(ctx, qtx, dl.Topic, m); err != nil {
 		return ReinjectResult{}, err
 	}
 	ev := change.Events[0].(domain.DeadLetterReinjected)
@@ -417,11 +600,47 @@ func (s *Store) reinjectTx(ctx context.Context, tx pgx.Tx, id string, opt Reinje
 	if opt.NewKey {
 		reason += " (new idempotency key " + key + ")"
 	}
-	if err := auditTx(ctx, tx, a, "dead_letter.reinject", "dead_letter", id, reason, rev.Payload, payload, nil, opt.OperationID); err != nil {
-		return ReinjectResult{}, err
-	}
+	p.queue("cannot write audit log", auditSQL,
+		auditArgs(a, "dead_letter.reinject", "dead_letter", id, reason, rev.Payload, payload, nil, opt.OperationID)...)
 	return ReinjectResult{DeadLetterID: id, DealID: req.DealID, IdempotencyKey: key, NewKey: opt.NewKey,
 		Revision: rev.Number, Count: ev.Count, MessageUUID: m.UUID}, nil
+}
+
+// dealColumns selects what scanDeal reads, as loadDealForUpdate does.
+const dealColumns = `SELECT id::text, customer_id, customer_name, currency, lines, total, status, version,
+			close_version, status_before_close, idempotency_key, invoice_number
+		FROM deals`
+
+// scanDeal reads a deal selected with dealColumns (pgx.ErrNoRows when
+// there is none).
+func scanDeal(row pgx.Row) (*domain.Deal, error) {
+	var (
+		s            domain.DealSnapshot
+		lines        []byte
+		closeVersion *int
+		prev, key    *string
+		invNo        *string
+	)
+	if err := row.Scan(&s.ID, &s.Customer.ID, &s.Customer.Name, &s.Currency, &lines,
+		&s.Total, &s.Status, &s.Version, &closeVersion, &prev, &key, &invNo); err != nil {
+		return nil, err
+	}
+	if err := json.Unmarshal(lines, &s.Lines); err != nil {
+		return nil, fmt.Errorf("deal %s lines: %w", s.ID, err)
+	}
+	if closeVersion != nil {
+		s.CloseVersion = *closeVersion
+	}
+	if prev != nil {
+		s.PreviousStatus = domain.Status(*prev)
+	}
+	if key != nil {
+		s.IdempotencyKey = *key
+	}
+	if invNo != nil {
+		s.InvoiceNumber = *invNo
+	}
+	return domain.UnmarshalDealFromDatabase(s)
 }
 
 // resolveReinjectedTx closes what a successful re-injected saga leaves
