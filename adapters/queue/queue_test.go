@@ -652,3 +652,62 @@ func TestStats(t *testing.T) {
 	}
 	m.Ack()
 }
+
+// TestOneQueryClaimsForEveryIdleConsumer: a subscription claims for all its
+// idle consumers in one statement (rows claimed together share the
+// statement's now(), hence one lease_until), never more than it has
+// consumers, and never two messages of one ordering key at once.
+func TestOneQueryClaimsForEveryIdleConsumer(t *testing.T) {
+	dbURL := newDatabase(t)
+	pool := newPool(t, dbURL, "wq-batch", 4)
+	topic := "batch"
+	var msgs []*message.Message
+	for i := range 9 {
+		m := newMsg(strconv.Itoa(i))
+		if i < 2 {
+			queue.SetOrderingKey(m, "same-deal") // the second waits for the first's ack
+		}
+		msgs = append(msgs, m)
+	}
+	publish(t, newPublisher(t, pool), topic, msgs...)
+
+	sub := newSubscriber(t, pool, queue.SubscriberConfig{Consumers: 6, PollInterval: time.Hour})
+	ch, err := sub.Subscribe(t.Context(), topic)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var held []*message.Message
+	for range 6 {
+		held = append(held, receive(t, ch, 5*time.Second))
+	}
+	var leased, leases int
+	if err := pool.QueryRow(t.Context(), `SELECT count(*), count(DISTINCT lease_until) FROM work_queue
+		WHERE topic = $1 AND lease_until IS NOT NULL`, topic).Scan(&leased, &leases); err != nil {
+		t.Fatal(err)
+	}
+	if leased != 6 || leases != 1 {
+		t.Errorf("%d rows leased with %d distinct lease times; want 6 claimed by one statement", leased, leases)
+	}
+	for _, m := range held {
+		if m.UUID == msgs[1].UUID {
+			t.Errorf("the second message of key same-deal was delivered while the first is held")
+		}
+	}
+	select {
+	case m := <-ch:
+		t.Fatalf("a 7th message (%s) was delivered while all 6 consumers hold one", m.Payload)
+	case <-time.After(300 * time.Millisecond):
+	}
+	for _, m := range held {
+		m.Ack()
+	}
+	seen := map[string]bool{}
+	for range 3 {
+		m := receive(t, ch, 5*time.Second)
+		seen[m.UUID] = true
+		m.Ack()
+	}
+	if !seen[msgs[1].UUID] {
+		t.Errorf("the second message of key same-deal was not delivered after the first's ack")
+	}
+}
