@@ -125,6 +125,9 @@ func auditArgs(a Actor, action, targetType, targetID, reason string, before, aft
 type pipe struct {
 	tx pgx.Tx
 	b  *pgx.Batch
+	// lockedStock: the transaction holds inventory row locks (a deal was
+	// reinstated), which other deals' re-injects may be waiting for.
+	lockedStock bool
 }
 
 func newPipe(tx pgx.Tx) *pipe { return &pipe{tx: tx, b: &pgx.Batch{}} }
@@ -547,6 +550,7 @@ func (s *Store) reinjectTx(ctx context.Context, p *pipe, id string, opt Reinject
 	switch {
 	case d.Status() == domain.StatusReverted && d.InvoiceKey() == req.IdempotencyKey:
 		stock := map[string]domain.Stock{}
+		p.lockedStock = true
 		for _, q := range d.Quantities() {
 			st, err := lockStock(ctx, tx, q.SKU)
 			if err != nil {
