@@ -287,11 +287,25 @@ func (s *Store) SetInventory(ctx context.Context, sku string, available int64, m
 // one transaction (InvoiceCreated + deal invoiced). It reports false when the
 // invoice was already recorded: redelivery is harmless.
 func (s *Store) RecordInvoice(ctx context.Context, dealID, key, number string, meta domain.Metadata) (bool, error) {
+	return s.RecordInvoiceWith(ctx, dealID, key, number, meta, nil)
+}
+
+// RecordInvoiceWith is RecordInvoice that also runs with, when non-nil, in
+// the same transaction after the recording (even when the invoice was
+// recorded before): the invoice saga acknowledges its work-queue message
+// there, so the recording and the acknowledgement commit together.
+func (s *Store) RecordInvoiceWith(ctx context.Context, dealID, key, number string, meta domain.Metadata,
+	with func(ctx context.Context, tx pgx.Tx) error) (bool, error) {
 	recorded := false
 	err := s.unit(ctx, func(tx pgx.Tx) error {
 		var err error
-		recorded, err = recordInvoiceTx(ctx, tx, dealID, key, number, meta)
-		return err
+		if recorded, err = recordInvoiceTx(ctx, tx, dealID, key, number, meta); err != nil {
+			return err
+		}
+		if with != nil {
+			return with(ctx, tx)
+		}
+		return nil
 	})
 	if err != nil {
 		return false, fmt.Errorf("cannot record invoice for deal %s: %w", dealID, err)

@@ -16,6 +16,7 @@ import (
 	wsql "github.com/ThreeDotsLabs/watermill-sql/v4/pkg/sql"
 	"github.com/ThreeDotsLabs/watermill/message"
 	"github.com/dealbridge/dealbridge/adapters/queue"
+	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 )
 
@@ -709,5 +710,78 @@ func TestOneQueryClaimsForEveryIdleConsumer(t *testing.T) {
 	}
 	if !seen[msgs[1].UUID] {
 		t.Errorf("the second message of key same-deal was not delivered after the first's ack")
+	}
+}
+
+// TestAckTx: a handler that acknowledges inside its own transaction. When
+// the transaction commits, its write and the row's deletion land together
+// and the Ack that follows leaves nothing to do; when it rolls back, the
+// row is kept and the Nack that follows delays it as usual. A message not
+// from a Subscriber is refused.
+func TestAckTx(t *testing.T) {
+	dbURL := newDatabase(t)
+	pool := newPool(t, dbURL, "wq-acktx", 4)
+	ctx := t.Context()
+	if _, err := pool.Exec(ctx, `CREATE TABLE effects (uuid text PRIMARY KEY)`); err != nil {
+		t.Fatal(err)
+	}
+	topic := "acktx"
+	committed, rolledBack := newMsg("commit"), newMsg("rollback")
+	publish(t, newPublisher(t, pool), topic, committed, rolledBack)
+	sub := newSubscriber(t, pool, queue.SubscriberConfig{Consumers: 2, NackDelay: time.Hour})
+	ch, err := sub.Subscribe(ctx, topic)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for range 2 {
+		m := receive(t, ch, 5*time.Second)
+		if !queue.Delivered(m) {
+			t.Fatal("a delivered message is not Delivered")
+		}
+		tx, err := pool.Begin(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := tx.Exec(ctx, `INSERT INTO effects VALUES ($1)`, m.UUID); err != nil {
+			t.Fatal(err)
+		}
+		if err := queue.AckTx(ctx, tx, m); err != nil {
+			t.Fatal(err)
+		}
+		if m.UUID == committed.UUID {
+			if err := tx.Commit(ctx); err != nil {
+				t.Fatal(err)
+			}
+			m.Ack()
+		} else {
+			if err := tx.Rollback(ctx); err != nil {
+				t.Fatal(err)
+			}
+			m.Nack()
+		}
+		<-m.Context().Done()
+	}
+	eventually(t, 5*time.Second, "the committed message's row gone with its effect", func() bool {
+		_, ok := readRow(t, pool, committed.UUID)
+		return !ok
+	})
+	r, ok := readRow(t, pool, rolledBack.UUID)
+	if !ok || r.leased || r.delayed < 50*time.Minute {
+		t.Errorf("rolled-back message row %+v (exists %v), want kept, not leased, nacked for an hour", r, ok)
+	}
+	var effects []string
+	rows, _ := pool.Query(ctx, `SELECT uuid FROM effects`)
+	effects, err = pgx.CollectRows(rows, pgx.RowTo[string])
+	if err != nil || len(effects) != 1 || effects[0] != committed.UUID {
+		t.Errorf("effects %v (%v), want only the committed message's", effects, err)
+	}
+
+	tx, err := pool.Begin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = tx.Rollback(ctx) }()
+	if queue.Delivered(newMsg("x")) || queue.AckTx(ctx, tx, newMsg("x")) == nil {
+		t.Error("AckTx accepted a message that no Subscriber delivered")
 	}
 }

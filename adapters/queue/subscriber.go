@@ -10,6 +10,7 @@ import (
 	"math/rand/v2"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/ThreeDotsLabs/watermill/message"
@@ -208,7 +209,13 @@ type claim struct {
 	attempt    int
 	enqueuedAt time.Time
 	claimedAt  time.Time // Go clock, before the claim query: a lower bound
+	// ackedInTx is set by AckTx: the row was deleted in the handler's own
+	// transaction, so an Ack has nothing left to do. (A Nack still applies:
+	// the transaction may have rolled the delete back.)
+	ackedInTx atomic.Bool
 }
+
+type claimKey struct{}
 
 // claimSQL claims up to $3 of the oldest claimable rows of a topic in one
 // statement (its own short transaction). Only the head (lowest id) of each
@@ -389,7 +396,7 @@ func (s *Subscriber) deliver(ctx context.Context, topic string, c *claim, out ch
 	delete(msg.Metadata, MetadataNackReason)
 	msg.Metadata.Set(MetadataAttempt, strconv.Itoa(c.attempt))
 	msg.Metadata.Set(MetadataEnqueuedAt, c.enqueuedAt.UTC().Format(time.RFC3339Nano))
-	msgCtx, cancelMsg := context.WithCancelCause(ctx)
+	msgCtx, cancelMsg := context.WithCancelCause(context.WithValue(ctx, claimKey{}, c))
 	defer cancelMsg(nil)
 	msg.SetContext(msgCtx)
 
@@ -431,6 +438,9 @@ func (s *Subscriber) deliver(ctx context.Context, topic string, c *claim, out ch
 	}
 	stopHB()
 	if acked {
+		if c.ackedInTx.Load() {
+			return // deleted with the handler's own writes (AckTx)
+		}
 		s.apply(ctx, log, "ack", ackSQL, c.id, c.token)
 		return
 	}
@@ -517,4 +527,37 @@ func (w *waker) wake() {
 	case w.ch <- struct{}{}:
 	default:
 	}
+}
+
+// AckTx acknowledges msg inside tx, the handler's own transaction: its row
+// is deleted there, so the message's effect and its acknowledgement commit
+// or roll back together — no redelivery after a crash between them, and one
+// commit instead of two. The handler must still return nil (Ack) when tx
+// committed, or an error (Nack) when it did not: the subscriber then skips
+// the separate delete, or applies the nack to the row the rollback kept.
+//
+// msg must have been delivered by a [Subscriber]. When its lease was lost
+// (another consumer holds the message now), AckTx deletes nothing and
+// returns nil: the handler's writes stand, and the other holder's delivery
+// is a duplicate that idempotent handling absorbs.
+func AckTx(ctx context.Context, tx pgx.Tx, msg *message.Message) error {
+	c, ok := msg.Context().Value(claimKey{}).(*claim)
+	if !ok {
+		return errors.New("queue: AckTx: the message was not delivered by a queue Subscriber")
+	}
+	tag, err := tx.Exec(ctx, ackSQL, c.id, c.token)
+	if err != nil {
+		return fmt.Errorf("queue: cannot acknowledge message %s: %w", c.uuid, err)
+	}
+	if tag.RowsAffected() == 1 {
+		c.ackedInTx.Store(true)
+	}
+	return nil
+}
+
+// Delivered reports whether msg was delivered by a [Subscriber] (and so can
+// be acknowledged with AckTx).
+func Delivered(msg *message.Message) bool {
+	_, ok := msg.Context().Value(claimKey{}).(*claim)
+	return ok
 }

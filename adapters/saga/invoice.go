@@ -35,6 +35,7 @@ import (
 	"time"
 
 	"github.com/ThreeDotsLabs/watermill/message"
+	"github.com/jackc/pgx/v5"
 
 	"github.com/dealbridge/dealbridge/adapters/crashpoint"
 	"github.com/dealbridge/dealbridge/adapters/erp"
@@ -165,7 +166,7 @@ func (h *InvoiceHandler) Handle(msg *message.Message) error {
 			return h.retryLater(ctx, msg, req, saga, err, 0, log, meta)
 		}
 		if found {
-			return h.record(ctx, req, inv, log, meta)
+			return h.record(ctx, msg, req, inv, log, meta)
 		}
 	}
 
@@ -173,7 +174,7 @@ func (h *InvoiceHandler) Handle(msg *message.Message) error {
 	inv, err := h.erp.CreateInvoice(ctx, toERP(req))
 	latency := h.cfg.Now().Sub(start)
 	if err == nil {
-		return h.record(ctx, req, inv, log, meta)
+		return h.record(ctx, msg, req, inv, log, meta)
 	}
 	if ctx.Err() != nil {
 		// Shutting down or the lease is lost: the attempt says nothing
@@ -185,7 +186,7 @@ func (h *InvoiceHandler) Handle(msg *message.Message) error {
 		switch {
 		case lerr == nil && found:
 			log.InfoContext(ctx, "ambiguous ERP outcome resolved by lookup: the invoice exists", "invoice", inv.Number)
-			return h.record(ctx, req, inv, log, meta)
+			return h.record(ctx, msg, req, inv, log, meta)
 		case lerr == nil:
 			log.InfoContext(ctx, "ambiguous ERP outcome resolved by lookup: no invoice; retrying with the same key")
 		default:
@@ -268,7 +269,7 @@ func (h *InvoiceHandler) fail(ctx context.Context, msg *message.Message, req dom
 		return fmt.Errorf("deal %s: lookup before compensation failed: %w", req.DealID, err)
 	}
 	if found {
-		return h.record(ctx, req, inv, log, meta)
+		return h.record(ctx, msg, req, inv, log, meta)
 	}
 	if errors.Is(cause, erp.ErrDuplicateInvoice) {
 		// Duplicates, none of them posted: compensation follows, and a human
@@ -320,7 +321,10 @@ func (h *InvoiceHandler) fail(ctx context.Context, msg *message.Message, req dom
 	return nil
 }
 
-func (h *InvoiceHandler) record(ctx context.Context, req domain.InvoiceRequest, inv erp.Invoice, log *slog.Logger, meta domain.Metadata) error {
+// record records inv as the invoice of req and acknowledges msg in the same
+// transaction (queue.AckTx), so that a crash after the commit cannot
+// redeliver a message whose work is done.
+func (h *InvoiceHandler) record(ctx context.Context, msg *message.Message, req domain.InvoiceRequest, inv erp.Invoice, log *slog.Logger, meta domain.Metadata) error {
 	if inv.Number == "" {
 		return fmt.Errorf("deal %s: the ERP returned an invoice without a number", req.DealID)
 	}
@@ -337,7 +341,7 @@ func (h *InvoiceHandler) record(ctx context.Context, req domain.InvoiceRequest, 
 		}
 	}
 	crashpoint.Hit(crashpoint.AfterERP2xxBeforeCommit)
-	recorded, err := h.store.RecordInvoice(ctx, req.DealID, req.IdempotencyKey, inv.Number, meta)
+	recorded, err := h.store.RecordInvoiceWith(ctx, req.DealID, req.IdempotencyKey, inv.Number, meta, h.ackTx(msg))
 	if err != nil {
 		var terr *domain.TransitionError
 		if errors.As(err, &terr) {
@@ -351,6 +355,16 @@ func (h *InvoiceHandler) record(ctx context.Context, req domain.InvoiceRequest, 
 	log.InfoContext(ctx, "deal invoiced", "invoice", inv.Number, "recorded", recorded)
 	crashpoint.Hit(crashpoint.AfterCommitBeforeAck)
 	return nil
+}
+
+// ackTx returns the step that acknowledges msg inside the recording
+// transaction, when msg came from the work queue (tests may hand the
+// handler messages of their own).
+func (h *InvoiceHandler) ackTx(msg *message.Message) func(context.Context, pgx.Tx) error {
+	if !queue.Delivered(msg) {
+		return nil
+	}
+	return func(ctx context.Context, tx pgx.Tx) error { return queue.AckTx(ctx, tx, msg) }
 }
 
 // alertDuplicate raises the critical duplicate_invoice alert of req's key,
