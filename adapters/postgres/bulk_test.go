@@ -108,3 +108,67 @@ func TestBulkReinjectUnlimitedSkipsRefusedInBatches(t *testing.T) {
 		t.Errorf("%d deals not won after the bulk re-inject", n)
 	}
 }
+
+// TestBulkReinjectQueuedWriteFailure: an entry's audit row and outbox
+// message are sent with the next entry's reads (or with the marking of the
+// batch's items), so their failure is reported late. It must still fail
+// the run with nothing of the failed batch kept, the entry still open and
+// pending; a run after the cause is gone re-injects every entry exactly
+// once, in per-deal order.
+func TestBulkReinjectQueuedWriteFailure(t *testing.T) {
+	t.Parallel()
+	ctx := t.Context()
+	const deals, perDeal = 6, 5
+	f := newDLQFixture(t, 8)
+	byDeal := makeBulkEntries(t, f, deals, perDeal)
+	op, total, err := f.store.StartBulkReinject(ctx, postgres.DeadLetterFilter{}, "ERP fixed", carol)
+	if err != nil || total != deals*perDeal {
+		t.Fatalf("start: %d %v", total, err)
+	}
+	var victim string
+	for _, ids := range byDeal {
+		victim = ids[2] // joins the saga its deal's first entry resumed
+		break
+	}
+	if _, err := f.pool.Exec(ctx, `CREATE FUNCTION fail_audit() RETURNS trigger LANGUAGE plpgsql AS $$
+		BEGIN
+			IF NEW.target_id = '`+victim+`' THEN
+				RAISE EXCEPTION 'injected audit failure';
+			END IF;
+			RETURN NEW;
+		END $$;
+		CREATE TRIGGER fail_audit BEFORE INSERT ON audit_log FOR EACH ROW EXECUTE FUNCTION fail_audit()`); err != nil {
+		t.Fatal(err)
+	}
+
+	if _, err := f.store.RunBulkReinject(ctx, op, 0, 0, nil); err == nil ||
+		!strings.Contains(err.Error(), "cannot write audit log") || !strings.Contains(err.Error(), "injected audit failure") {
+		t.Fatalf("run: %v, want the audit failure", err)
+	}
+	var itemState, dlState string
+	if err := f.pool.QueryRow(ctx, `SELECT i.state, d.state FROM bulk_operation_items i JOIN dead_letters d ON d.id = i.dead_letter_id
+		WHERE i.operation_id=$1 AND i.dead_letter_id=$2`, op, victim).Scan(&itemState, &dlState); err != nil {
+		t.Fatal(err)
+	}
+	if itemState != "pending" || dlState != domain.DLStateOpen {
+		t.Errorf("after the failed run the entry is %s and its item %s, want open and pending", dlState, itemState)
+	}
+	if n := count(t, ctx, f.pool, `SELECT count(*) FROM events WHERE stream_id = $1 AND type = $2`,
+		domain.DeadLetterStream(victim), domain.TypeDeadLetterReinjected); n != 0 {
+		t.Errorf("%d re-inject events for the entry whose audit row failed, want 0", n)
+	}
+	for _, m := range reinjectedMessages(t, ctx, f.pool) {
+		if m.Metadata[outbox.MetadataReinjectedFrom] == victim {
+			t.Errorf("entry %s published although its transaction failed", victim)
+		}
+	}
+
+	if _, err := f.pool.Exec(ctx, `DROP TRIGGER fail_audit ON audit_log`); err != nil {
+		t.Fatal(err)
+	}
+	p, err := f.store.RunBulkReinject(ctx, op, 0, 0, nil)
+	if err != nil || p.Done != total || p.Pending != 0 {
+		t.Fatalf("resumed run: %+v, %v", p, err)
+	}
+	checkBulkExactlyOnce(t, f, op, byDeal)
+}
