@@ -549,26 +549,38 @@ func (s *Store) reinjectTx(ctx context.Context, p *pipe, id string, opt Reinject
 	var sagaVersion int
 	switch {
 	case d.Status() == domain.StatusReverted && d.InvoiceKey() == req.IdempotencyKey:
+		// The deal's inventory rows (in lockStock's order), then its saga,
+		// locked in one round trip: another worker reinstating a deal of
+		// the same SKUs waits for them until this transaction commits.
 		stock := map[string]domain.Stock{}
 		p.lockedStock = true
 		for _, q := range d.Quantities() {
-			st, err := lockStock(ctx, tx, q.SKU)
-			if err != nil {
-				return ReinjectResult{}, err
-			}
-			stock[q.SKU] = st
+			sku := q.SKU
+			p.b.Queue(`SELECT available, version FROM inventory WHERE sku=$1 FOR UPDATE`, sku).QueryRow(func(row pgx.Row) error {
+				st := domain.Stock{SKU: sku}
+				if err := row.Scan(&st.Available, &st.Version); err != nil && !errors.Is(err, pgx.ErrNoRows) {
+					return fmt.Errorf("cannot lock inventory %s: %w", sku, err)
+				}
+				stock[sku] = st
+				return nil
+			})
+		}
+		if !opt.NewKey {
+			p.b.Queue(`SELECT version FROM invoice_sagas WHERE idempotency_key=$1 FOR UPDATE`, key).QueryRow(func(row pgx.Row) error {
+				if err := row.Scan(&sagaVersion); err != nil && !errors.Is(err, pgx.ErrNoRows) {
+					return fmt.Errorf("cannot lock saga %s: %w", key, err)
+				}
+				return nil
+			})
+		}
+		if err := p.send(ctx); err != nil {
+			return ReinjectResult{}, err
 		}
 		reinstate, err := d.Reinstate(key, opt.Reason, stock)
 		if err != nil {
 			return ReinjectResult{}, err
 		}
 		changes = append(changes, reinstate...)
-		if !opt.NewKey {
-			if err := tx.QueryRow(ctx, `SELECT version FROM invoice_sagas WHERE idempotency_key=$1 FOR UPDATE`, key).Scan(&sagaVersion); err != nil &&
-				!errors.Is(err, pgx.ErrNoRows) {
-				return ReinjectResult{}, fmt.Errorf("cannot lock saga %s: %w", key, err)
-			}
-		}
 		changes = append(changes, domain.Change{StreamID: domain.SagaStream(key), ExpectedVersion: sagaVersion,
 			Events: []domain.Event{domain.InvoiceSagaResumed{DealID: req.DealID, IdempotencyKey: key, DeadLetterID: id, OperationID: opt.OperationID}}})
 	case d.Status() == domain.StatusWon && d.InvoiceKey() == req.IdempotencyKey && !opt.NewKey:
