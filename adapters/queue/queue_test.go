@@ -785,3 +785,71 @@ func TestAckTx(t *testing.T) {
 		t.Error("AckTx accepted a message that no Subscriber delivered")
 	}
 }
+
+// TestClaimPlanIgnoresStaleStatistics: with the statistics of an empty
+// queue (ANALYZE when empty) and a backlog of 5,000, a claim of 8 rows
+// reads a handful of tuples, not the backlog. The same UPDATE planned
+// freely (the positive control) reads the whole backlog, which is what made
+// claims slow down as the backlog grew.
+func TestClaimPlanIgnoresStaleStatistics(t *testing.T) {
+	dbURL := newDatabase(t)
+	ctx := t.Context()
+	conn, err := pgx.Connect(ctx, dbURL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(context.Background())
+	exec := func(sql string, args ...any) {
+		t.Helper()
+		if _, err := conn.Exec(ctx, sql, args...); err != nil {
+			t.Fatalf("%s: %v", sql, err)
+		}
+	}
+	exec(`ANALYZE work_queue`)
+	exec(`INSERT INTO work_queue (topic, uuid, payload, ordering_key)
+		SELECT 'plan', gen_random_uuid()::text, '\x', 'deal-' || g FROM generate_series(1, 5000) g`)
+	tuplesRead := func() int64 {
+		t.Helper()
+		exec(`SELECT pg_stat_force_next_flush()`)
+		exec(`SELECT pg_stat_clear_snapshot()`)
+		var n int64
+		if err := conn.QueryRow(ctx, `SELECT coalesce(seq_tup_read, 0) + coalesce(idx_tup_fetch, 0)
+			FROM pg_stat_user_tables WHERE relname = 'work_queue'`).Scan(&n); err != nil {
+			t.Fatal(err)
+		}
+		return n
+	}
+	claim := func(sql string) int64 {
+		t.Helper()
+		before := tuplesRead()
+		rows, err := conn.Query(ctx, sql, pgx.QueryExecModeExec, "plan", int64(30e6), 8)
+		if err != nil {
+			t.Fatal(err)
+		}
+		n := 0
+		for rows.Next() {
+			n++
+		}
+		if err := rows.Err(); err != nil || n != 8 {
+			t.Fatalf("claimed %d rows (%v), want 8", n, err)
+		}
+		return tuplesRead() - before
+	}
+	const unpinned = `UPDATE work_queue AS q SET attempts = q.attempts + 1,
+		lease_until = now() + $2 * interval '1 microsecond', claim_token = gen_random_uuid()
+	FROM (SELECT c.id FROM work_queue AS c
+		WHERE c.topic = $1 AND c.available_at <= now() AND (c.lease_until IS NULL OR c.lease_until <= now())
+		  AND (c.ordering_key IS NULL OR NOT EXISTS (SELECT 1 FROM work_queue AS o
+			WHERE o.topic = c.topic AND o.ordering_key = c.ordering_key AND o.id < c.id))
+		ORDER BY c.id LIMIT $3 FOR UPDATE SKIP LOCKED) AS next
+	WHERE q.id = next.id RETURNING q.id`
+	control := claim(unpinned)
+	pinned := claim(`SELECT id FROM work_queue_claim($1, $2, $3)`)
+	t.Logf("tuples read by a claim of 8 at a backlog of 5,000: %d planned freely, %d by work_queue_claim", control, pinned)
+	if control < 1000 {
+		t.Fatalf("positive control: the freely planned claim read only %d tuples; the measure cannot tell the plans apart", control)
+	}
+	if pinned > 200 {
+		t.Errorf("work_queue_claim read %d tuples for 8 rows: its plan scans the backlog", pinned)
+	}
+}

@@ -218,30 +218,13 @@ type claim struct {
 type claimKey struct{}
 
 // claimSQL claims up to $3 of the oldest claimable rows of a topic in one
-// statement (its own short transaction). Only the head (lowest id) of each
-// ordering key is claimable, so a batch never holds two messages of one key.
-// The lease is computed on the database clock.
-const claimSQL = `
-UPDATE work_queue AS q
-SET attempts    = q.attempts + 1,
-    lease_until = now() + $2 * interval '1 microsecond',
-    claim_token = gen_random_uuid(),
-    last_error  = CASE WHEN q.lease_until IS NOT NULL THEN 'lease expired' ELSE q.last_error END
-FROM (
-    SELECT c.id
-    FROM work_queue AS c
-    WHERE c.topic = $1
-      AND c.available_at <= now()
-      AND (c.lease_until IS NULL OR c.lease_until <= now())
-      AND (c.ordering_key IS NULL OR NOT EXISTS (
-            SELECT 1 FROM work_queue AS o
-            WHERE o.topic = c.topic AND o.ordering_key = c.ordering_key AND o.id < c.id))
-    ORDER BY c.id
-    LIMIT $3
-    FOR UPDATE SKIP LOCKED
-) AS next
-WHERE q.id = next.id
-RETURNING q.id, q.claim_token, q.uuid, q.payload, q.metadata, q.attempts, q.created_at`
+// statement (its own short transaction) through the function of migration
+// 00012: only the head (lowest id) of each ordering key is claimable, so a
+// batch never holds two messages of one key, and the lease is computed on
+// the database clock. The function pins the plan (an ordered index walk
+// that stops after $3 rows): planned from the statistics of an empty queue,
+// the same UPDATE read and sorted the whole backlog on every claim.
+const claimSQL = `SELECT id, claim_token, uuid, payload, metadata, attempts, created_at FROM work_queue_claim($1, $2, $3)`
 
 const (
 	ackSQL    = `DELETE FROM work_queue WHERE id = $1 AND claim_token = $2`
@@ -269,13 +252,7 @@ func (s *Subscriber) claim(ctx context.Context, topic string, n int) ([]*claim, 
 	ctx, cancel := s.opCtx(ctx)
 	defer cancel()
 	claimedAt := time.Now()
-	// Planned on every call (unnamed statement), never from a cached generic
-	// plan: a queue swings from empty to a backlog of thousands, and a
-	// generic plan made while it was empty (bitmap scan of the whole topic,
-	// sort, and a head-of-key check that scans every older row) cost 5 ms
-	// per claim at a backlog of ~150 rows, against 0.1-0.8 ms re-planned
-	// (pg_stat_statements over the end-to-end benchmark).
-	rows, err := s.pool.Query(ctx, claimSQL, pgx.QueryExecModeExec, topic, s.cfg.Lease.Microseconds(), n)
+	rows, err := s.pool.Query(ctx, claimSQL, topic, s.cfg.Lease.Microseconds(), n)
 	if err != nil {
 		return nil, fmt.Errorf("queue: cannot claim from %q: %w", topic, err)
 	}
