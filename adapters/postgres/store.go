@@ -147,39 +147,19 @@ func loadDealForUpdate(ctx context.Context, tx pgx.Tx, id string) (*domain.Deal,
 	if !validUUID(id) {
 		return nil, domain.ErrNotFound
 	}
-	var (
-		s            domain.DealSnapshot
-		lines        []byte
-		closeVersion *int
-		prev, key    *string
-		invNo        *string
-	)
-	err := tx.QueryRow(ctx, `SELECT id::text, customer_id, customer_name, currency, lines, total, status, version,
-			close_version, status_before_close, idempotency_key, invoice_number
-		FROM deals WHERE id=$1 FOR UPDATE`, id).Scan(&s.ID, &s.Customer.ID, &s.Customer.Name, &s.Currency, &lines,
-		&s.Total, &s.Status, &s.Version, &closeVersion, &prev, &key, &invNo)
+	d, err := scanDeal(tx.QueryRow(ctx, dealColumns+` WHERE id=$1 FOR UPDATE`, id))
+	return dealLoaded(id, d, err)
+}
+
+// dealLoaded maps the result of scanning one deal row.
+func dealLoaded(id string, d *domain.Deal, err error) (*domain.Deal, error) {
 	if errors.Is(err, pgx.ErrNoRows) {
 		return nil, domain.ErrNotFound
 	}
 	if err != nil {
 		return nil, fmt.Errorf("cannot load deal %s: %w", id, err)
 	}
-	if err := json.Unmarshal(lines, &s.Lines); err != nil {
-		return nil, fmt.Errorf("deal %s lines: %w", id, err)
-	}
-	if closeVersion != nil {
-		s.CloseVersion = *closeVersion
-	}
-	if prev != nil {
-		s.PreviousStatus = domain.Status(*prev)
-	}
-	if key != nil {
-		s.IdempotencyKey = *key
-	}
-	if invNo != nil {
-		s.InvoiceNumber = *invNo
-	}
-	return domain.UnmarshalDealFromDatabase(s)
+	return d, nil
 }
 
 // CloseDeal closes a deal. For a win, in one transaction: the deal's

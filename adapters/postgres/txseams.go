@@ -48,14 +48,32 @@ func (s *Store) RecordInvoiceTx(ctx context.Context, tx pgx.Tx, dealID, key, num
 
 // recordInvoiceTx is the body of RecordInvoice and RecordInvoiceTx.
 func recordInvoiceTx(ctx context.Context, tx pgx.Tx, dealID, key, number string, meta domain.Metadata) (bool, error) {
-	d, err := loadDealForUpdate(ctx, tx, dealID)
-	if err != nil {
+	if !validUUID(dealID) {
+		return false, domain.ErrNotFound
+	}
+	// The deal (locked) and the saga's failed attempts in one round trip.
+	var (
+		b      pgx.Batch
+		d      *domain.Deal
+		derr   error
+		failed int
+	)
+	b.Queue(dealColumns+` WHERE id=$1 FOR UPDATE`, dealID).QueryRow(func(row pgx.Row) error {
+		d, derr = scanDeal(row)
+		d, derr = dealLoaded(dealID, d, derr)
+		return nil
+	})
+	b.Queue(`SELECT attempts FROM invoice_sagas WHERE idempotency_key=$1`, key).QueryRow(func(row pgx.Row) error {
+		if err := row.Scan(&failed); err != nil && !errors.Is(err, pgx.ErrNoRows) {
+			return fmt.Errorf("cannot read saga %s: %w", key, err)
+		}
+		return nil
+	})
+	if err := tx.SendBatch(ctx, &b).Close(); err != nil {
 		return false, err
 	}
-	var failed int
-	if err := tx.QueryRow(ctx, `SELECT attempts FROM invoice_sagas WHERE idempotency_key=$1`, key).Scan(&failed); err != nil &&
-		!errors.Is(err, pgx.ErrNoRows) {
-		return false, fmt.Errorf("cannot read saga %s: %w", key, err)
+	if derr != nil {
+		return false, derr
 	}
 	change, err := d.RecordInvoice(key, number, failed+1)
 	if err != nil || change == nil {
