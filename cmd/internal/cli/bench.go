@@ -32,7 +32,7 @@ func runBench(ctx context.Context, env Env, args []string) error {
 	f.string(&ceiling, "ceiling-clients", "DEALBRIDGE_BENCH_CEILING_CLIENTS", "", "concurrent clients of the ceiling phases (default 8,32)")
 	f.string(&hs, "handlers", "DEALBRIDGE_BENCH_HANDLERS", "", "handler process counts; the first is the main configuration (default 1,2,4)")
 	f.string(&bs, "batch-sizes", "DEALBRIDGE_BENCH_BATCH_SIZES", "", "relay batch sizes; the first is the main configuration (default 100,10,1000)")
-	f.int(&cfg.Consumers, "consumers", "DEALBRIDGE_BENCH_CONSUMERS", 0, "each handler's --consumers and River's MaxWorkers (default 8)")
+	f.int(&cfg.Consumers, "consumers", "DEALBRIDGE_BENCH_CONSUMERS", 0, "each handler's --consumers, and River's second MaxWorkers (default 32)")
 	f.string(&rw, "river-workers", "DEALBRIDGE_BENCH_RIVER_WORKERS", "", "the River worker's MaxWorkers; the first is River's main configuration, the others run at maximum rate (default 100,<consumers>)")
 	f.duration(&cfg.RiverFetchCooldown, "river-fetch-cooldown", "DEALBRIDGE_BENCH_RIVER_FETCH_COOLDOWN", 0, "River's FetchCooldown (default: River's, 100ms)")
 	f.duration(&cfg.RiverFetchPoll, "river-fetch-poll-interval", "DEALBRIDGE_BENCH_RIVER_FETCH_POLL_INTERVAL", 0, "River's FetchPollInterval (default: River's, 1s)")
