@@ -79,7 +79,8 @@ func (c *child) exited() bool {
 	}
 }
 
-// stop sends SIGTERM and waits for the exit (SIGKILL after 20s). A child
+// stop sends SIGTERM and waits for the exit (after 20s SIGQUIT, for a
+// goroutine dump, then SIGKILL). A child
 // that had exited by itself, or exits non-zero, is an error.
 func (c *child) stop() error {
 	if c.exited() {
@@ -89,9 +90,16 @@ func (c *child) stop() error {
 	select {
 	case <-c.done:
 	case <-time.After(20 * time.Second):
-		_ = c.cmd.Process.Kill()
-		<-c.done
-		return fmt.Errorf("%s did not stop within 20s of SIGTERM (log %s)", c.name, c.logPath)
+		// SIGQUIT makes a Go child write every goroutine's stack to its
+		// log before it exits: the evidence of what it was stuck on.
+		_ = c.cmd.Process.Signal(syscall.SIGQUIT)
+		select {
+		case <-c.done:
+		case <-time.After(3 * time.Second):
+			_ = c.cmd.Process.Kill()
+			<-c.done
+		}
+		return fmt.Errorf("%s did not stop within 20s of SIGTERM; goroutine dump (SIGQUIT) in its log %s", c.name, c.logPath)
 	}
 	if c.waitErr != nil {
 		return fmt.Errorf("%s: %w (log %s)", c.name, c.waitErr, c.logPath)
