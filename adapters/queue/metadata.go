@@ -48,6 +48,11 @@ const NotifyChannel = "work_queue"
 // the message (or the lease ran out while the database was unreachable).
 var ErrLeaseLost = errors.New("queue: lease lost")
 
+// ErrHandlerTimeout is the cause of a delivered message's context
+// cancellation when its handler has held it for
+// SubscriberConfig.HandlerTimeout without an Ack or Nack.
+var ErrHandlerTimeout = errors.New("queue: handler timeout")
+
 // SetOrderingKey sets msg's ordering key (see [MetadataOrderingKey]).
 func SetOrderingKey(msg *message.Message, key string) {
 	msg.Metadata.Set(MetadataOrderingKey, key)

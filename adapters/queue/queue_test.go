@@ -853,3 +853,34 @@ func TestClaimPlanIgnoresStaleStatistics(t *testing.T) {
 		t.Errorf("work_queue_claim read %d tuples for 8 rows: its plan scans the backlog", pinned)
 	}
 }
+
+// TestHandlerTimeout: a handler stuck on a call without a deadline gets its
+// message's context cancelled (cause ErrHandlerTimeout) after
+// HandlerTimeout, Nacks, and the message comes back for another attempt.
+func TestHandlerTimeout(t *testing.T) {
+	dbURL := newDatabase(t)
+	pool := newPool(t, dbURL, "wq-timeout", 4)
+	topic := "timeout"
+	sent := newMsg("slow")
+	publish(t, newPublisher(t, pool), topic, sent)
+	sub := newSubscriber(t, pool, queue.SubscriberConfig{Consumers: 1, HandlerTimeout: 300 * time.Millisecond, NackDelay: -1})
+	ch, err := sub.Subscribe(t.Context(), topic)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := receive(t, ch, 5*time.Second)
+	select {
+	case <-m.Context().Done():
+	case <-time.After(10 * time.Second):
+		t.Fatal("the stuck handler's context was not cancelled")
+	}
+	if cause := context.Cause(m.Context()); !errors.Is(cause, queue.ErrHandlerTimeout) {
+		t.Fatalf("cause %v, want ErrHandlerTimeout", cause)
+	}
+	m.Nack()
+	again := receive(t, ch, 5*time.Second)
+	if again.UUID != sent.UUID || queue.Attempt(again) != 2 {
+		t.Fatalf("redelivery %s attempt %d, want %s attempt 2", again.UUID, queue.Attempt(again), sent.UUID)
+	}
+	again.Ack()
+}

@@ -54,6 +54,14 @@ type SubscriberConfig struct {
 	// ReconnectDelay is the pause before the LISTEN connection is opened
 	// again after it failed. Default 1s.
 	ReconnectDelay time.Duration
+
+	// HandlerTimeout bounds how long a handler may hold a message: past
+	// it the message's context is cancelled with cause [ErrHandlerTimeout],
+	// so a handler stuck on a call without a deadline gives its consumer
+	// back (it should then Nack). The lease is extended meanwhile, so no
+	// other consumer takes the message before that. Default 5m; negative
+	// means no limit.
+	HandlerTimeout time.Duration
 }
 
 func (c SubscriberConfig) withDefaults() SubscriberConfig {
@@ -63,6 +71,7 @@ func (c SubscriberConfig) withDefaults() SubscriberConfig {
 	c.PollInterval = cmp.Or(c.PollInterval, 500*time.Millisecond)
 	c.CloseTimeout = cmp.Or(c.CloseTimeout, 10*time.Second)
 	c.ReconnectDelay = cmp.Or(c.ReconnectDelay, time.Second)
+	c.HandlerTimeout = cmp.Or(c.HandlerTimeout, 5*time.Minute)
 	return c
 }
 
@@ -375,6 +384,13 @@ func (s *Subscriber) deliver(ctx context.Context, topic string, c *claim, out ch
 	msg.Metadata.Set(MetadataEnqueuedAt, c.enqueuedAt.UTC().Format(time.RFC3339Nano))
 	msgCtx, cancelMsg := context.WithCancelCause(context.WithValue(ctx, claimKey{}, c))
 	defer cancelMsg(nil)
+	if s.cfg.HandlerTimeout > 0 {
+		t := time.AfterFunc(s.cfg.HandlerTimeout, func() {
+			log.ErrorContext(ctx, "queue: handler held the message too long; cancelling it", "timeout", s.cfg.HandlerTimeout)
+			cancelMsg(ErrHandlerTimeout)
+		})
+		defer t.Stop()
+	}
 	msg.SetContext(msgCtx)
 
 	hbCtx, stopHeartbeat := context.WithCancel(context.WithoutCancel(ctx))

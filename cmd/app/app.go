@@ -188,8 +188,11 @@ type HandlerConfig struct {
 	PollInterval time.Duration
 	Lease        time.Duration
 	NackDelay    time.Duration
-	Retry        domain.RetryPolicy
-	Breaker      erp.BreakerConfig
+	// HandlerTimeout bounds how long one message may be handled (see
+	// queue.SubscriberConfig.HandlerTimeout; zero: its default).
+	HandlerTimeout time.Duration
+	Retry          domain.RetryPolicy
+	Breaker        erp.BreakerConfig
 	// AlertWebhookURL and AlertWebhookSecret turn on the outbound alert
 	// webhook; both or neither.
 	AlertWebhookURL    string
@@ -222,7 +225,8 @@ func RunHandlerWithPort(ctx context.Context, pool *pgxpool.Pool, port erp.Port, 
 		return errors.New("the alert webhook needs both a URL and a secret")
 	}
 	wlog := watermill.NewSlogLogger(logger)
-	qcfg := queue.SubscriberConfig{Consumers: cfg.Consumers, PollInterval: cfg.PollInterval, Lease: cfg.Lease, NackDelay: cfg.NackDelay}
+	qcfg := queue.SubscriberConfig{Consumers: cfg.Consumers, PollInterval: cfg.PollInterval, Lease: cfg.Lease, NackDelay: cfg.NackDelay,
+		HandlerTimeout: cfg.HandlerTimeout}
 	sub, err := queue.NewSubscriber(pool, qcfg, logger)
 	if err != nil {
 		return err
@@ -252,7 +256,7 @@ func RunHandlerWithPort(ctx context.Context, pool *pgxpool.Pool, port erp.Port, 
 		if err != nil {
 			return err
 		}
-		wsub, err := queue.NewSubscriber(pool, queue.SubscriberConfig{Consumers: 2, PollInterval: cfg.PollInterval, Lease: cfg.Lease}, logger)
+		wsub, err := queue.NewSubscriber(pool, queue.SubscriberConfig{Consumers: 2, PollInterval: cfg.PollInterval, Lease: cfg.Lease, HandlerTimeout: cfg.HandlerTimeout}, logger)
 		if err != nil {
 			return err
 		}

@@ -163,6 +163,7 @@ type handlerFlags struct {
 	consumers    int
 	poll         time.Duration
 	lease        time.Duration
+	handlerTO    time.Duration
 	nackDelay    time.Duration
 	maxAttempts  int
 	retryInitial time.Duration
@@ -187,6 +188,7 @@ func (h *handlerFlags) register(f *flags, withURL bool) {
 	f.int(&h.consumers, "consumers", "DEALBRIDGE_CONSUMERS", 8, "messages handled in parallel by this process")
 	f.duration(&h.poll, "queue-poll-interval", "DEALBRIDGE_QUEUE_POLL_INTERVAL", 500*time.Millisecond, "work-queue polling fallback (LISTEN/NOTIFY wakes consumers sooner)")
 	f.duration(&h.lease, "lease", "DEALBRIDGE_LEASE", 30*time.Second, "work-queue lease; a crashed handler's message returns after it")
+	f.duration(&h.handlerTO, "handler-timeout", "DEALBRIDGE_HANDLER_TIMEOUT", 5*time.Minute, "longest one message may be handled; then its context is cancelled and it is retried")
 	f.duration(&h.nackDelay, "nack-delay", "DEALBRIDGE_NACK_DELAY", time.Second, "delay before a failed message is retried")
 	f.int(&h.maxAttempts, "max-attempts", "DEALBRIDGE_MAX_ATTEMPTS", 8, "ERP attempts per invoice before compensation")
 	f.duration(&h.retryInitial, "retry-initial", "DEALBRIDGE_RETRY_INITIAL", time.Second, "upper bound of the first retry backoff (full jitter)")
@@ -202,7 +204,7 @@ func (h *handlerFlags) register(f *flags, withURL bool) {
 
 func (h *handlerFlags) config(env Env) (app.HandlerConfig, error) {
 	cfg := app.HandlerConfig{ERPURL: h.erpURL, ERPTimeout: h.erpTimeout, Consumers: h.consumers,
-		PollInterval: h.poll, Lease: h.lease, NackDelay: h.nackDelay,
+		PollInterval: h.poll, Lease: h.lease, NackDelay: h.nackDelay, HandlerTimeout: h.handlerTO,
 		Retry:             domain.RetryPolicy{Initial: h.retryInitial, Max: h.retryMax, MaxAttempts: h.maxAttempts, MaxAge: h.maxAge},
 		Breaker:           erp.BreakerConfig{FailureThreshold: h.breakerN, CoolDown: h.breakerCool},
 		ReconcileInterval: h.reconcileEvery, ReconcileAfter: h.reconcileAfter,
