@@ -319,6 +319,16 @@ func (s *Subscriber) fetch(ctx context.Context, topic string, w *waker, work cha
 		if err != nil {
 			s.log.WarnContext(ctx, "queue: claim failed", "topic", topic, "err", err)
 		}
+		if len(claims) > n {
+			// Never expected (the claim locks at most n rows), but a
+			// consumer must never be handed more than it has room for:
+			// give the surplus back at once.
+			s.log.ErrorContext(ctx, "queue: a claim returned more rows than asked; releasing the surplus", "asked", n, "got", len(claims))
+			for _, c := range claims[n:] {
+				s.apply(ctx, s.log, "release", releaseSQL, c.id, c.token)
+			}
+			claims = claims[:n]
+		}
 		for _, c := range claims {
 			work <- c // never blocks: a slot was taken for it
 		}
