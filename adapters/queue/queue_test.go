@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/jackc/pgx/v5/pgtype"
 	"math/rand/v2"
 	"slices"
 	"strconv"
@@ -883,4 +884,82 @@ func TestHandlerTimeout(t *testing.T) {
 		t.Fatalf("redelivery %s attempt %d, want %s attempt 2", again.UUID, queue.Attempt(again), sent.UUID)
 	}
 	again.Ack()
+}
+
+// TestClaimNeverReturnsMoreThanAsked: sixteen sessions claim (up to 3 rows
+// each) and give rows back concurrently, so claims meet rows updated under
+// them. No claim may return more rows than asked, and no row may be held by
+// two claims at once (its claim token is the fence).
+func TestClaimNeverReturnsMoreThanAsked(t *testing.T) {
+	dbURL := newDatabase(t)
+	pool := newPool(t, dbURL, "wq-claim-limit", 20)
+	ctx := t.Context()
+	if _, err := pool.Exec(ctx, `INSERT INTO work_queue (topic, uuid, payload)
+		SELECT 'limit', gen_random_uuid()::text, '\x' FROM generate_series(1, 300)`); err != nil {
+		t.Fatal(err)
+	}
+	var (
+		wg       sync.WaitGroup
+		mu       sync.Mutex
+		held     = map[int64]bool{}
+		problems []string
+		claims   atomic.Int64
+	)
+	deadline := time.Now().Add(3 * time.Second)
+	for range 16 {
+		wg.Go(func() {
+			for time.Now().Before(deadline) && ctx.Err() == nil {
+				rows, err := pool.Query(ctx, `SELECT id, claim_token FROM work_queue_claim('limit', 30000000, 3)`)
+				if err != nil {
+					mu.Lock()
+					problems = append(problems, err.Error())
+					mu.Unlock()
+					return
+				}
+				type got struct {
+					id    int64
+					token pgtype.UUID
+				}
+				gs, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (got, error) {
+					var g got
+					return g, r.Scan(&g.id, &g.token)
+				})
+				if err != nil {
+					mu.Lock()
+					problems = append(problems, err.Error())
+					mu.Unlock()
+					return
+				}
+				claims.Add(1)
+				mu.Lock()
+				if len(gs) > 3 {
+					problems = append(problems, fmt.Sprintf("a claim of 3 returned %d rows", len(gs)))
+				}
+				for _, g := range gs {
+					if held[g.id] {
+						problems = append(problems, fmt.Sprintf("row %d claimed while held", g.id))
+					}
+					held[g.id] = true
+				}
+				mu.Unlock()
+				for _, g := range gs { // give it back, as a nack does
+					mu.Lock()
+					delete(held, g.id)
+					mu.Unlock()
+					if _, err := pool.Exec(ctx, `UPDATE work_queue SET lease_until = NULL, claim_token = NULL
+						WHERE id = $1 AND claim_token = $2`, g.id, g.token); err != nil {
+						mu.Lock()
+						problems = append(problems, err.Error())
+						mu.Unlock()
+						return
+					}
+				}
+			}
+		})
+	}
+	wg.Wait()
+	t.Logf("%d claims", claims.Load())
+	if len(problems) > 0 {
+		t.Fatalf("%d problem(s), first: %s", len(problems), problems[0])
+	}
 }
