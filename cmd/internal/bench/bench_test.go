@@ -42,7 +42,7 @@ func (w testWriter) Write(p []byte) (int, error) {
 // once. Nothing about speed is asserted.
 func TestQuickRun(t *testing.T) {
 	if testing.Short() {
-		t.Skip("builds the binary and runs a relay, handlers, River and an ERP simulator as processes")
+		t.Skip("short mode: this test builds the binary and runs a relay, handlers, River and an ERP simulator as processes")
 	}
 	bin := buildBinary(t)
 	out := filepath.Join(t.TempDir(), "report")
