@@ -64,16 +64,17 @@ func recordInvoiceTx(ctx context.Context, tx pgx.Tx, dealID, key, number string,
 		return nil
 	})
 	b.Queue(`SELECT attempts FROM invoice_sagas WHERE idempotency_key=$1`, key).QueryRow(func(row pgx.Row) error {
-		if err := row.Scan(&failed); err != nil && !errors.Is(err, pgx.ErrNoRows) {
+		if err := row.Scan(&failed); err != nil && !errors.Is(err, pgx.ErrNoRows) && derr == nil {
 			return fmt.Errorf("cannot read saga %s: %w", key, err)
 		}
 		return nil
 	})
-	if err := tx.SendBatch(ctx, &b).Close(); err != nil {
-		return false, err
-	}
-	if derr != nil {
+	cerr := tx.SendBatch(ctx, &b).Close()
+	if derr != nil { // the deal's own error names it best
 		return false, derr
+	}
+	if cerr != nil {
+		return false, cerr
 	}
 	change, err := d.RecordInvoice(key, number, failed+1)
 	if err != nil || change == nil {

@@ -727,14 +727,14 @@ func TestAckTx(t *testing.T) {
 		t.Fatal(err)
 	}
 	topic := "acktx"
-	committed, rolledBack := newMsg("commit"), newMsg("rollback")
-	publish(t, newPublisher(t, pool), topic, committed, rolledBack)
-	sub := newSubscriber(t, pool, queue.SubscriberConfig{Consumers: 2, NackDelay: time.Hour})
+	committed, rolledBack, ackedAnyway := newMsg("commit"), newMsg("rollback"), newMsg("rollback, then Ack")
+	publish(t, newPublisher(t, pool), topic, committed, rolledBack, ackedAnyway)
+	sub := newSubscriber(t, pool, queue.SubscriberConfig{Consumers: 3, NackDelay: time.Hour})
 	ch, err := sub.Subscribe(ctx, topic)
 	if err != nil {
 		t.Fatal(err)
 	}
-	for range 2 {
+	for range 3 {
 		m := receive(t, ch, 5*time.Second)
 		if !queue.Delivered(m) {
 			t.Fatal("a delivered message is not Delivered")
@@ -758,10 +758,18 @@ func TestAckTx(t *testing.T) {
 			if err := tx.Rollback(ctx); err != nil {
 				t.Fatal(err)
 			}
-			m.Nack()
+			if m.UUID == ackedAnyway.UUID {
+				m.Ack() // e.g. a panic a middleware turned into an Ack
+			} else {
+				m.Nack()
+			}
 		}
 		<-m.Context().Done()
 	}
+	eventually(t, 5*time.Second, "the message acked after its AckTx rolled back deleted by the Ack", func() bool {
+		_, ok := readRow(t, pool, ackedAnyway.UUID)
+		return !ok
+	})
 	eventually(t, 5*time.Second, "the committed message's row gone with its effect", func() bool {
 		_, ok := readRow(t, pool, committed.UUID)
 		return !ok
@@ -962,4 +970,34 @@ func TestClaimNeverReturnsMoreThanAsked(t *testing.T) {
 	if len(problems) > 0 {
 		t.Fatalf("%d problem(s), first: %s", len(problems), problems[0])
 	}
+}
+
+// TestHandlerIgnoringTimeoutLosesTheMessage: a handler that ignores its
+// cancelled context does not keep its consumer: CloseTimeout after the
+// HandlerTimeout the consumer stops extending the lease and moves on, and
+// the message comes back when the lease lapses.
+func TestHandlerIgnoringTimeoutLosesTheMessage(t *testing.T) {
+	dbURL := newDatabase(t)
+	pool := newPool(t, dbURL, "wq-ignore-timeout", 4)
+	topic := "ignore-timeout"
+	stuck, next := newMsg("stuck"), newMsg("next")
+	publish(t, newPublisher(t, pool), topic, stuck)
+	sub := newSubscriber(t, pool, queue.SubscriberConfig{Consumers: 1, Lease: time.Second,
+		HandlerTimeout: 200 * time.Millisecond, CloseTimeout: 200 * time.Millisecond})
+	ch, err := sub.Subscribe(t.Context(), topic)
+	if err != nil {
+		t.Fatal(err)
+	}
+	first := receive(t, ch, 5*time.Second) // never acked: the handler is stuck
+	publish(t, newPublisher(t, pool), topic, next)
+	got := map[string]int{}
+	for range 2 {
+		m := receive(t, ch, 10*time.Second)
+		got[m.UUID]++
+		m.Ack()
+	}
+	if got[next.UUID] != 1 || got[stuck.UUID] != 1 {
+		t.Fatalf("deliveries after the stuck one: %v; want the next message and the stuck one again (lease lapsed)", got)
+	}
+	_ = first
 }

@@ -56,11 +56,11 @@ type SubscriberConfig struct {
 	ReconnectDelay time.Duration
 
 	// HandlerTimeout bounds how long a handler may hold a message: past
-	// it the message's context is cancelled with cause [ErrHandlerTimeout],
-	// so a handler stuck on a call without a deadline gives its consumer
-	// back (it should then Nack). The lease is extended meanwhile, so no
-	// other consumer takes the message before that. Default 5m; negative
-	// means no limit.
+	// it the message's context is cancelled with cause [ErrHandlerTimeout]
+	// (the handler should then Nack). A handler that still holds it
+	// CloseTimeout later loses it: the consumer stops extending the lease
+	// and takes the next message, and the message returns at lease
+	// expiry. Default 5m; negative means no limit.
 	HandlerTimeout time.Duration
 }
 
@@ -218,6 +218,7 @@ type claim struct {
 	attempt    int
 	enqueuedAt time.Time
 	claimedAt  time.Time // Go clock, before the claim query: a lower bound
+	fetchedAt  time.Time // Go clock, once the claim query returned it
 	// ackedInTx is set by AckTx: the row was deleted in the handler's own
 	// transaction, so an Ack has nothing left to do. (A Nack still applies:
 	// the transaction may have rolled the delete back.)
@@ -267,7 +268,7 @@ func (s *Subscriber) claim(ctx context.Context, topic string, n int) ([]*claim, 
 	}
 	var claims []*claim
 	for rows.Next() {
-		c := &claim{claimedAt: claimedAt}
+		c := &claim{claimedAt: claimedAt, fetchedAt: time.Now()}
 		var md []byte
 		if err := rows.Scan(&c.id, &c.token, &c.uuid, &c.payload, &md, &c.attempt, &c.enqueuedAt); err != nil {
 			rows.Close()
@@ -378,7 +379,7 @@ func (s *Subscriber) pollDelay() time.Duration {
 // applies the handler's Ack or Nack.
 func (s *Subscriber) deliver(ctx context.Context, topic string, c *claim, out chan<- *message.Message) {
 	log := s.log.With("topic", topic, "id", c.id, "uuid", c.uuid, "attempt", c.attempt)
-	if ctx.Err() != nil || time.Since(c.claimedAt) > s.cfg.Lease/2 {
+	if ctx.Err() != nil || time.Since(c.fetchedAt) > s.cfg.Lease/2 {
 		// Stopping, or it waited in the buffer for half its lease (the
 		// consumers are stuck): give it back untouched, for any consumer.
 		s.apply(ctx, log, "release", releaseSQL, c.id, c.token)
@@ -420,11 +421,24 @@ func (s *Subscriber) deliver(ctx context.Context, topic string, c *claim, out ch
 		return
 	}
 
+	var giveUp <-chan time.Time
+	if s.cfg.HandlerTimeout > 0 {
+		t := time.NewTimer(s.cfg.HandlerTimeout + s.cfg.CloseTimeout)
+		defer t.Stop()
+		giveUp = t.C
+	}
 	var acked bool
 	select {
 	case <-msg.Acked():
 		acked = true
 	case <-msg.Nacked():
+	case <-giveUp:
+		// The handler ignored its cancelled context for a grace period:
+		// stop extending the lease and take the consumer back; the message
+		// returns when the lease lapses.
+		stopHB()
+		log.ErrorContext(ctx, "queue: handler still holds the message after its timeout; left to lease expiry")
+		return
 	case <-ctx.Done():
 		// msgCtx is cancelled with ctx; give the handler a grace period.
 		t := time.NewTimer(s.cfg.CloseTimeout)
@@ -441,10 +455,10 @@ func (s *Subscriber) deliver(ctx context.Context, topic string, c *claim, out ch
 	}
 	stopHB()
 	if acked {
-		if c.ackedInTx.Load() {
-			return // deleted with the handler's own writes (AckTx)
-		}
-		s.apply(ctx, log, "ack", ackSQL, c.id, c.token)
+		// Also after AckTx: its transaction may have rolled back (a panic
+		// turned into an Ack by a middleware). The delete is fenced by the
+		// claim token, and finds nothing when AckTx committed.
+		s.applyQuiet(ctx, log, "ack", c.ackedInTx.Load(), ackSQL, c.id, c.token)
 		return
 	}
 	delay, ok, err := nackDelay(msg)
@@ -461,13 +475,19 @@ func (s *Subscriber) deliver(ctx context.Context, topic string, c *claim, out ch
 // matches means the lease was lost (another consumer holds the message or
 // it was already handled): that is logged, not an error.
 func (s *Subscriber) apply(ctx context.Context, log *slog.Logger, op, query string, args ...any) {
+	s.applyQuiet(ctx, log, op, false, query, args...)
+}
+
+// applyQuiet is apply that, when goneOK, expects the row may be gone
+// already and says nothing then.
+func (s *Subscriber) applyQuiet(ctx context.Context, log *slog.Logger, op string, goneOK bool, query string, args ...any) {
 	opCtx, cancel := s.opCtx(ctx)
 	defer cancel()
 	tag, err := s.pool.Exec(opCtx, query, args...)
 	switch {
 	case err != nil:
 		log.ErrorContext(ctx, "queue: "+op+" failed; the message will be redelivered after its lease", "err", err)
-	case tag.RowsAffected() == 0:
+	case tag.RowsAffected() == 0 && !goneOK:
 		log.WarnContext(ctx, "queue: "+op+" not applied: lease lost to another consumer")
 	}
 }
@@ -486,7 +506,11 @@ func (s *Subscriber) heartbeat(ctx context.Context, c *claim, cancelMsg context.
 			return
 		case <-t.C:
 		}
-		opCtx, cancel := s.opCtx(ctx)
+		// Cancelled with the heartbeat (unlike other queue queries): once
+		// the message is acked or nacked its lease no longer matters, and
+		// an extension waiting on the row lock of the handler's own
+		// AckTx must not hold up the ack.
+		opCtx, cancel := context.WithTimeout(ctx, s.cfg.Lease)
 		start := time.Now()
 		tag, err := s.pool.Exec(opCtx, extendSQL, c.id, c.token, s.cfg.Lease.Microseconds())
 		cancel()
