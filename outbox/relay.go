@@ -3,6 +3,7 @@ package outbox
 import (
 	"cmp"
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"sync"
@@ -107,6 +108,9 @@ func (r *Relay) Run(ctx context.Context) error {
 		wg.Wait()
 	}()
 	if err := r.fwd.Run(ctx); err != nil {
+		if ctx.Err() != nil && errors.Is(err, context.Canceled) {
+			return nil // stopped while starting: a clean shutdown too
+		}
 		return fmt.Errorf("relay stopped: %w", err)
 	}
 	return nil

@@ -744,3 +744,29 @@ func TestRelayPollsWithoutNotify(t *testing.T) {
 	}
 	waitFor(t, 20*time.Second, "the polling relay to deliver "+uuid, func() bool { return rec.delivered(uuid) })
 }
+
+// TestRelayStoppedWhileStarting: cancelling the context while the relay is
+// still subscribing is a clean shutdown, not an error (a process sent
+// SIGTERM right after start must exit 0).
+func TestRelayStoppedWhileStarting(t *testing.T) {
+	pool := newPool(t, 4)
+	for i := range 20 {
+		relay, err := outbox.NewRelay(pool, newRecorder(), outbox.RelayConfig{}, slog.New(slog.DiscardHandler))
+		if err != nil {
+			t.Fatal(err)
+		}
+		ctx, cancel := context.WithCancel(t.Context())
+		done := make(chan error, 1)
+		go func() { done <- relay.Run(ctx) }()
+		time.Sleep(time.Duration(i%5) * time.Millisecond)
+		cancel()
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Fatalf("run %d: relay stopped while starting returned %v, want nil", i, err)
+			}
+		case <-time.After(20 * time.Second):
+			t.Fatalf("run %d: relay did not stop", i)
+		}
+	}
+}
