@@ -188,7 +188,7 @@ func (h *handlerFlags) register(f *flags, withURL bool) {
 	f.int(&h.consumers, "consumers", "DEALBRIDGE_CONSUMERS", 8, "messages handled in parallel by this process")
 	f.duration(&h.poll, "queue-poll-interval", "DEALBRIDGE_QUEUE_POLL_INTERVAL", 500*time.Millisecond, "work-queue polling fallback (LISTEN/NOTIFY wakes consumers sooner)")
 	f.duration(&h.lease, "lease", "DEALBRIDGE_LEASE", 30*time.Second, "work-queue lease; a crashed handler's message returns after it")
-	f.duration(&h.handlerTO, "handler-timeout", "DEALBRIDGE_HANDLER_TIMEOUT", 5*time.Minute, "longest one message may be handled; then its context is cancelled and it is retried")
+	f.duration(&h.handlerTO, "handler-timeout", "DEALBRIDGE_HANDLER_TIMEOUT", 5*time.Minute, "longest one message may be handled; then its context is cancelled and it is retried (negative: no limit)")
 	f.duration(&h.nackDelay, "nack-delay", "DEALBRIDGE_NACK_DELAY", time.Second, "delay before a failed message is retried")
 	f.int(&h.maxAttempts, "max-attempts", "DEALBRIDGE_MAX_ATTEMPTS", 8, "ERP attempts per invoice before compensation")
 	f.duration(&h.retryInitial, "retry-initial", "DEALBRIDGE_RETRY_INITIAL", time.Second, "upper bound of the first retry backoff (full jitter)")
