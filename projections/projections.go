@@ -12,6 +12,7 @@ import (
 	"encoding/json"
 	"fmt"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 
 	"github.com/dealbridge/dealbridge/domain"
@@ -30,6 +31,23 @@ func Apply(ctx context.Context, tx Execer, recs ...domain.RecordedEvent) error {
 		}
 	}
 	return nil
+}
+
+// ApplyPipelined is Apply with the statements pipelined: they are sent
+// together and run in order, in one round trip for the usual events (a
+// statement whose result Apply needs at once flushes the queue first). A
+// statement that fails or does not touch exactly one row fails the call;
+// tx is then aborted and the caller must roll back.
+func ApplyPipelined(ctx context.Context, tx pgx.Tx, recs ...domain.RecordedEvent) error {
+	x := &batchExecer{}
+	x.reset(tx)
+	for _, r := range recs {
+		x.cur = r
+		if err := Apply(ctx, x, r); err != nil {
+			return err
+		}
+	}
+	return x.flush(ctx)
 }
 
 func apply(ctx context.Context, tx Execer, r domain.RecordedEvent) error {

@@ -107,20 +107,18 @@ func (t markedTx) Begin(ctx context.Context) (pgx.Tx, error) {
 	return markedTx{Tx: sp, wrote: t.wrote}, nil
 }
 
-// appendAndProject appends every change and applies the projections.
+// appendAndProject appends every change and applies the projections, in
+// two round trips: all the inserts pipelined, then all the projection
+// statements pipelined (they need the events as stored).
 func appendAndProject(ctx context.Context, tx pgx.Tx, meta domain.Metadata, changes ...domain.Change) ([]domain.RecordedEvent, error) {
-	var all []domain.RecordedEvent
-	for _, c := range changes {
-		recs, err := AppendTx(ctx, tx, c, meta)
-		if err != nil {
-			return nil, err
-		}
-		if err := projections.Apply(ctx, tx, recs...); err != nil {
-			return nil, err
-		}
-		all = append(all, recs...)
+	recs, err := AppendAllTx(ctx, tx, meta, changes...)
+	if err != nil {
+		return nil, err
 	}
-	return all, nil
+	if err := projections.ApplyPipelined(ctx, tx, recs...); err != nil {
+		return nil, err
+	}
+	return recs, nil
 }
 
 // CreateDeal opens a new deal with a fresh id.
@@ -169,19 +167,18 @@ func dealLoaded(id string, d *domain.Deal, err error) (*domain.Deal, error) {
 // changes.
 func (s *Store) CloseDeal(ctx context.Context, id string, outcome domain.Outcome, expectedVersion *int, meta domain.Metadata) (DealView, error) {
 	err := s.unit(ctx, func(tx pgx.Tx) error {
-		d, err := loadDealForUpdate(ctx, tx, id)
+		var (
+			d     *domain.Deal
+			stock map[string]domain.Stock
+			err   error
+		)
+		if outcome == domain.OutcomeWon {
+			d, stock, err = loadDealAndStockForUpdate(ctx, tx, id)
+		} else {
+			d, err = loadDealForUpdate(ctx, tx, id)
+		}
 		if err != nil {
 			return err
-		}
-		stock := map[string]domain.Stock{}
-		if outcome == domain.OutcomeWon {
-			for _, q := range d.Quantities() {
-				st, err := lockStock(ctx, tx, q.SKU)
-				if err != nil {
-					return err
-				}
-				stock[q.SKU] = st
-			}
 		}
 		changes, err := d.Close(outcome, expectedVersion, stock)
 		if err != nil {
@@ -224,6 +221,57 @@ func invoiceMessage(req domain.InvoiceRequest, meta domain.Metadata) (*message.M
 		m.Metadata.Set(outbox.MetadataCorrelationID, meta.CorrelationID)
 	}
 	return m, nil
+}
+
+// lockDealStockSQL locks the inventory rows of deal $1's lines in the
+// order lockStock's callers use (SKU order, byte-wise like Go's sort: the
+// "C" collation), so the two paths cannot deadlock each other.
+const lockDealStockSQL = `SELECT sku, available, version FROM inventory
+	WHERE sku IN (SELECT l->>'sku' FROM deals, jsonb_array_elements(deals.lines) AS l WHERE deals.id = $1)
+	ORDER BY sku COLLATE "C" FOR UPDATE`
+
+// loadDealAndStockForUpdate is loadDealForUpdate followed by lockStock of
+// each of the deal's SKUs, in one round trip: the deal row is locked
+// first, then its inventory rows in SKU order. A SKU without an inventory
+// row has zero stock.
+func loadDealAndStockForUpdate(ctx context.Context, tx pgx.Tx, id string) (*domain.Deal, map[string]domain.Stock, error) {
+	if !validUUID(id) {
+		return nil, nil, domain.ErrNotFound
+	}
+	var (
+		b     pgx.Batch
+		d     *domain.Deal
+		derr  error
+		stock = map[string]domain.Stock{}
+	)
+	b.Queue(dealColumns+` WHERE id=$1 FOR UPDATE`, id).QueryRow(func(row pgx.Row) error {
+		d, derr = scanDeal(row)
+		d, derr = dealLoaded(id, d, derr)
+		return nil
+	})
+	b.Queue(lockDealStockSQL, id).Query(func(rows pgx.Rows) error {
+		for rows.Next() {
+			var st domain.Stock
+			if err := rows.Scan(&st.SKU, &st.Available, &st.Version); err != nil {
+				return err
+			}
+			stock[st.SKU] = st
+		}
+		return rows.Err()
+	})
+	err := tx.SendBatch(ctx, &b).Close()
+	if derr != nil { // the deal's own error names it best
+		return nil, nil, derr
+	}
+	if err != nil {
+		return nil, nil, fmt.Errorf("cannot lock the inventory of deal %s: %w", id, err)
+	}
+	for _, q := range d.Quantities() {
+		if _, ok := stock[q.SKU]; !ok {
+			stock[q.SKU] = domain.Stock{SKU: q.SKU}
+		}
+	}
+	return d, stock, nil
 }
 
 func lockStock(ctx context.Context, tx pgx.Tx, sku string) (domain.Stock, error) {
@@ -622,35 +670,42 @@ func (s *Store) GetDeal(ctx context.Context, id string) (DealView, error) {
 		v     DealView
 		lines []byte
 		invNo *string
+		found bool
+		b     pgx.Batch
 	)
-	err := s.pool.QueryRow(ctx, `SELECT id::text, status, version, customer_id, customer_name, currency, lines, total,
+	// The row and its events, pipelined in one round trip.
+	b.Queue(`SELECT id::text, status, version, customer_id, customer_name, currency, lines, total,
 			close_version, idempotency_key, invoice_number, created_at, updated_at
-		FROM deals WHERE id=$1`, id).Scan(&v.ID, &v.Status, &v.Version, &v.Customer.ID, &v.Customer.Name, &v.Currency,
-		&lines, &v.Total, &v.CloseVersion, &v.IdempotencyKey, &invNo, &v.CreatedAt, &v.UpdatedAt)
-	if errors.Is(err, pgx.ErrNoRows) {
-		return DealView{}, domain.ErrNotFound
-	}
-	if err != nil {
+		FROM deals WHERE id=$1`, id).QueryRow(func(row pgx.Row) error {
+		err := row.Scan(&v.ID, &v.Status, &v.Version, &v.Customer.ID, &v.Customer.Name, &v.Currency,
+			&lines, &v.Total, &v.CloseVersion, &v.IdempotencyKey, &invNo, &v.CreatedAt, &v.UpdatedAt)
+		if errors.Is(err, pgx.ErrNoRows) {
+			return nil
+		}
+		found = err == nil
+		return err
+	})
+	b.Queue(`SELECT position, type, stream_version, schema_version, payload, recorded_at
+		FROM events WHERE stream_id=$1 ORDER BY stream_version`, domain.DealStream(id)).Query(func(rows pgx.Rows) error {
+		var err error
+		v.Events, err = pgx.CollectRows(rows, func(r pgx.CollectableRow) (EventView, error) {
+			var e EventView
+			err := r.Scan(&e.Position, &e.Type, &e.StreamVersion, &e.SchemaVersion, &e.Payload, &e.RecordedAt)
+			return e, err
+		})
+		return err
+	})
+	if err := s.pool.SendBatch(ctx, &b).Close(); err != nil {
 		return DealView{}, fmt.Errorf("cannot read deal %s: %w", id, err)
+	}
+	if !found {
+		return DealView{}, domain.ErrNotFound
 	}
 	if err := json.Unmarshal(lines, &v.Lines); err != nil {
 		return DealView{}, fmt.Errorf("deal %s lines: %w", id, err)
 	}
 	if invNo != nil && v.IdempotencyKey != nil {
 		v.Invoice = &InvoiceView{Number: *invNo, IdempotencyKey: *v.IdempotencyKey}
-	}
-	rows, err := s.pool.Query(ctx, `SELECT position, type, stream_version, schema_version, payload, recorded_at
-		FROM events WHERE stream_id=$1 ORDER BY stream_version`, domain.DealStream(id))
-	if err != nil {
-		return DealView{}, fmt.Errorf("cannot read deal %s events: %w", id, err)
-	}
-	v.Events, err = pgx.CollectRows(rows, func(r pgx.CollectableRow) (EventView, error) {
-		var e EventView
-		err := r.Scan(&e.Position, &e.Type, &e.StreamVersion, &e.SchemaVersion, &e.Payload, &e.RecordedAt)
-		return e, err
-	})
-	if err != nil {
-		return DealView{}, fmt.Errorf("cannot read deal %s events: %w", id, err)
 	}
 	return v, nil
 }

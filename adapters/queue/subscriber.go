@@ -223,6 +223,9 @@ type claim struct {
 	// transaction, so an Ack has nothing left to do. (A Nack still applies:
 	// the transaction may have rolled the delete back.)
 	ackedInTx atomic.Bool
+	// ackCommitted is set by AckTxCommitted: that transaction committed,
+	// so the Ack skips its own (fenced, idempotent) delete.
+	ackCommitted atomic.Bool
 }
 
 type claimKey struct{}
@@ -455,9 +458,13 @@ func (s *Subscriber) deliver(ctx context.Context, topic string, c *claim, out ch
 	}
 	stopHB()
 	if acked {
-		// Also after AckTx: its transaction may have rolled back (a panic
-		// turned into an Ack by a middleware). The delete is fenced by the
-		// claim token, and finds nothing when AckTx committed.
+		if c.ackCommitted.Load() {
+			return // deleted by the handler's committed transaction
+		}
+		// Also after AckTx whose commit nobody confirmed: its transaction
+		// may have rolled back (a panic turned into an Ack by a
+		// middleware). The delete is fenced by the claim token, and finds
+		// nothing when AckTx committed.
 		s.applyQuiet(ctx, log, "ack", c.ackedInTx.Load(), ackSQL, c.id, c.token)
 		return
 	}
@@ -580,6 +587,18 @@ func AckTx(ctx context.Context, tx pgx.Tx, msg *message.Message) error {
 		c.ackedInTx.Store(true)
 	}
 	return nil
+}
+
+// AckTxCommitted tells the subscriber that the transaction in which AckTx
+// deleted msg's row has committed, so the Ack that follows has nothing to
+// do and skips its delete (one statement fewer per message). Call it only
+// after a successful commit; without it the Ack deletes again, which is
+// harmless. It does nothing when AckTx deleted no row (the lease was lost)
+// or msg was not delivered by a [Subscriber].
+func AckTxCommitted(msg *message.Message) {
+	if c, ok := msg.Context().Value(claimKey{}).(*claim); ok && c.ackedInTx.Load() {
+		c.ackCommitted.Store(true)
+	}
 }
 
 // Delivered reports whether msg was delivered by a [Subscriber] (and so can

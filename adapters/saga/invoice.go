@@ -352,6 +352,7 @@ func (h *InvoiceHandler) record(ctx context.Context, msg *message.Message, req d
 		}
 		return err
 	}
+	queue.AckTxCommitted(msg)
 	log.InfoContext(ctx, "deal invoiced", "invoice", inv.Number, "recorded", recorded)
 	crashpoint.Hit(crashpoint.AfterCommitBeforeAck)
 	return nil
