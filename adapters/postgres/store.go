@@ -225,9 +225,11 @@ func invoiceMessage(req domain.InvoiceRequest, meta domain.Metadata) (*message.M
 
 // lockDealStockSQL locks the inventory rows of deal $1's lines in the
 // order lockStock's callers use (SKU order, byte-wise like Go's sort: the
-// "C" collation), so the two paths cannot deadlock each other.
+// "C" collation), so the two paths cannot deadlock each other. The SKUs
+// are computed first, as an array: = ANY(ARRAY(…)) walks the primary key,
+// where the IN (…) form was planned as a hash join over every inventory row.
 const lockDealStockSQL = `SELECT sku, available, version FROM inventory
-	WHERE sku IN (SELECT l->>'sku' FROM deals, jsonb_array_elements(deals.lines) AS l WHERE deals.id = $1)
+	WHERE sku = ANY (ARRAY(SELECT l->>'sku' FROM deals, jsonb_array_elements(deals.lines) AS l WHERE deals.id = $1))
 	ORDER BY sku COLLATE "C" FOR UPDATE`
 
 // loadDealAndStockForUpdate is loadDealForUpdate followed by lockStock of
