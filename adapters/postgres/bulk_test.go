@@ -2,13 +2,18 @@ package postgres_test
 
 import (
 	"encoding/json"
+	"fmt"
 	"slices"
 	"strings"
 	"testing"
+	"time"
+
+	"github.com/ThreeDotsLabs/watermill"
 
 	"github.com/dealbridge/dealbridge/adapters/postgres"
 	"github.com/dealbridge/dealbridge/domain"
 	"github.com/dealbridge/dealbridge/outbox"
+	"github.com/dealbridge/dealbridge/projections"
 )
 
 // TestBulkReinjectUnlimitedSkipsRefusedInBatches: without a rate limit the
@@ -171,4 +176,105 @@ func TestBulkReinjectQueuedWriteFailure(t *testing.T) {
 		t.Fatalf("resumed run: %+v, %v", p, err)
 	}
 	checkBulkExactlyOnce(t, f, op, byDeal)
+}
+
+// TestBulkReinjectBatchReinstatesSeveralDeals: a batch reads its entries,
+// deals, inventory rows and sagas ahead, and may reinstate several deals
+// of common SKUs, each entry seeing the deals and stock as the entries
+// before it in the batch left them. With every entry on one worker (an
+// entry without a deal keeps one global order), the run must end as
+// re-injecting the entries one by one would: every deal won once, each
+// SKU's stock allocated once per deal with its stream versions in order,
+// the hash chains intact, and the projections equal to a replay of the log.
+func TestBulkReinjectBatchReinstatesSeveralDeals(t *testing.T) {
+	t.Parallel()
+	ctx := t.Context()
+	const deals = 7
+	f := newDLQFixture(t, 8)
+	skus := []string{"SKU-BA", "SKU-BB"}
+	for _, sku := range skus {
+		setStock(t, f.store, sku, 1_000)
+	}
+	var undealt string
+	for i := range deals {
+		d, err := f.store.CreateDeal(ctx, domain.Customer{ID: fmt.Sprintf("C-%d", i), Name: "Customer"}, "USD",
+			[]domain.Line{{SKU: skus[0], Description: "A", Quantity: 2, UnitPrice: "10.00"},
+				{SKU: skus[1], Description: "B", Quantity: int64(1 + i), UnitPrice: "5.00"}}, meta)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if d, err = f.store.CloseDeal(ctx, d.ID, domain.OutcomeWon, nil, meta); err != nil {
+			t.Fatal(err)
+		}
+		req := invoiceRequestOf(d)
+		if _, err := f.compensate(ctx, req, "permanent", "unknown customer"); err != nil {
+			t.Fatal(err)
+		}
+		payload, _ := json.Marshal(req)
+		now := time.Now()
+		dealID := d.ID
+		if i == 2 {
+			dealID = "" // a poison copy whose deal only its payload names
+		}
+		res, err := f.store.DeadLetter(ctx, dealID, req.IdempotencyKey,
+			postgres.Failure{ErrorClass: domain.ClassExhausted, Reason: "copy", Attempts: 1, FirstFailureAt: now, LastFailureAt: now},
+			postgres.DeadLetterSource{MessageUUID: watermill.NewUUID(), Topic: outbox.InvoiceTopic, Handler: "invoice-saga",
+				Payload: payload, Metadata: map[string]string{outbox.MetadataIdempotencyKey: req.IdempotencyKey}}, meta)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if i == 2 {
+			undealt = res.DeadLetterID
+		}
+	}
+	inv0 := map[string]postgres.InventoryView{}
+	for _, sku := range skus {
+		inv, err := f.store.GetInventory(ctx, sku)
+		if err != nil {
+			t.Fatal(err)
+		}
+		inv0[sku] = inv
+	}
+	op, total, err := f.store.StartBulkReinject(ctx, postgres.DeadLetterFilter{}, "ERP fixed", carol)
+	if err != nil || total != 2*deals {
+		t.Fatalf("start: %d %v", total, err)
+	}
+	p, err := f.store.RunBulkReinject(ctx, op, 0, 0, nil)
+	if err != nil || p.Done != total || p.Skipped != 0 {
+		t.Fatalf("run: %+v, %v", p, err)
+	}
+	if n := count(t, ctx, f.pool, `SELECT count(*) FROM deals WHERE status <> 'won'`); n != 0 {
+		t.Errorf("%d deals not won", n)
+	}
+	if n := count(t, ctx, f.pool, `SELECT count(*) FROM events WHERE type = $1`, domain.TypeDealReinstated); n != deals {
+		t.Errorf("%d deals reinstated, want %d", n, deals)
+	}
+	if n := count(t, ctx, f.pool, `SELECT count(*) FROM dead_letters WHERE state = 'reinjected'`); n != total {
+		t.Errorf("%d entries re-injected, want %d", n, total)
+	}
+	if n := count(t, ctx, f.pool, `SELECT count(*) FROM events WHERE stream_id = $1 AND type = $2`,
+		domain.DeadLetterStream(undealt), domain.TypeDeadLetterReinjected); n != 1 {
+		t.Errorf("the entry without a deal was re-injected %d times", n)
+	}
+	want := map[string]int64{skus[0]: 2 * deals, skus[1]: deals * (deals + 1) / 2}
+	for _, sku := range skus {
+		inv, err := f.store.GetInventory(ctx, sku)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if inv.Available != inv0[sku].Available-want[sku] || inv.Allocated != inv0[sku].Allocated+want[sku] {
+			t.Errorf("%s: %+v, want %d more allocated than %+v", sku, inv, want[sku], inv0[sku])
+		}
+		if n := count(t, ctx, f.pool, `SELECT max(stream_version) FROM events WHERE stream_id = $1`, domain.InventoryStream(sku)); n != inv.Version {
+			t.Errorf("%s: version %d, its stream is at %d", sku, inv.Version, n)
+		}
+	}
+	if rep, err := postgres.VerifyChain(ctx, f.pool); err != nil || !rep.OK() {
+		t.Fatalf("chain: %+v, %v", rep, err)
+	}
+	if rep, err := projections.Replay(ctx, f.pool, projections.Options{Verify: true}); err != nil || rep.Drift() {
+		var b strings.Builder
+		rep.Format(&b)
+		t.Fatalf("replay: %v\n%s", err, b.String())
+	}
 }

@@ -153,18 +153,17 @@ func (p *pipe) send(ctx context.Context) error {
 	return p.tx.SendBatch(ctx, b).Close()
 }
 
-// appendAndProject appends the changes' events (each append a round trip:
-// it returns what the log stored) and queues their projections.
+// appendAndProject appends the changes' events in one round trip
+// (AppendAllTx: it returns what the log stored) and queues their
+// projections.
 func (p *pipe) appendAndProject(ctx context.Context, meta domain.Metadata, changes ...domain.Change) error {
-	for _, c := range changes {
-		recs, err := AppendTx(ctx, p.tx, c, meta)
-		if err != nil {
+	recs, err := AppendAllTx(ctx, p.tx, meta, changes...)
+	if err != nil {
+		return err
+	}
+	for _, r := range recs {
+		if err := projections.Apply(ctx, projectionQueue{p: p, r: r}, r); err != nil {
 			return err
-		}
-		for _, r := range recs {
-			if err := projections.Apply(ctx, projectionQueue{p: p, r: r}, r); err != nil {
-				return err
-			}
 		}
 	}
 	return nil
@@ -449,15 +448,9 @@ func (s *Store) reinjectTx(ctx context.Context, p *pipe, id string, opt Reinject
 	if !validUUID(id) {
 		return ReinjectResult{}, fmt.Errorf("dead letter %q: %w", id, domain.ErrNotFound)
 	}
-	tx := p.tx
-	var (
-		evs     []domain.Event // the entry's stream
-		ahead   *domain.Deal   // the entry's deal, locked; nil when not read
-		aheadOK bool
-	)
+	var rd reinjectRead
 	// A callback's error would make pgx forget the batch's prepared
 	// statements: an entry that is not there is reported after the batch.
-	var found bool
 	p.b.Queue(`SELECT 1 FROM dead_letters WHERE id=$1 FOR UPDATE`, id).QueryRow(func(row pgx.Row) error {
 		var one int
 		err := row.Scan(&one)
@@ -467,7 +460,7 @@ func (s *Store) reinjectTx(ctx context.Context, p *pipe, id string, opt Reinject
 		if err != nil {
 			return fmt.Errorf("cannot lock dead letter %s: %w", id, err)
 		}
-		found = true
+		rd.found = true
 		return nil
 	})
 	p.b.Queue(`SELECT type, schema_version, payload FROM events WHERE stream_id=$1 ORDER BY stream_version`,
@@ -483,41 +476,97 @@ func (s *Store) reinjectTx(ctx context.Context, p *pipe, id string, opt Reinject
 			}
 			e, err := domain.DecodeEvent(typ, sv, payload)
 			if err != nil {
-				return fmt.Errorf("event %d of %s: %w", len(evs)+1, domain.DeadLetterStream(id), err)
+				return fmt.Errorf("event %d of %s: %w", len(rd.evs)+1, domain.DeadLetterStream(id), err)
 			}
-			evs = append(evs, e)
+			rd.evs = append(rd.evs, e)
 		}
 		return rows.Err()
 	})
 	p.b.Queue(dealColumns+` WHERE id=(SELECT deal_id FROM dead_letters WHERE id=$1 AND state='open') FOR UPDATE`, id).
 		QueryRow(func(row pgx.Row) error {
 			// Any failure to read it here is met again, and reported, by
-			// loadDealForUpdate below.
-			d, err := scanDeal(row)
-			ahead, aheadOK = d, err == nil
+			// loadDealForUpdate in planReinject.
+			if d, err := scanDeal(row); err == nil {
+				rd.deal = d
+			}
 			return nil
 		})
 	if err := p.send(ctx); err != nil {
 		return ReinjectResult{}, err
 	}
-	if !found {
-		return ReinjectResult{}, fmt.Errorf("dead letter %s: %w", id, domain.ErrNotFound)
-	}
-	dl, err := domain.RehydrateDeadLetter(evs)
+	plan, err := planReinject(ctx, p, id, opt, a, rd)
 	if err != nil {
 		return ReinjectResult{}, err
 	}
+	if err := p.appendAndProject(ctx, a.meta(), plan.changes...); err != nil {
+		return ReinjectResult{}, err
+	}
+	return plan.finish(ctx, p, opt, a)
+}
+
+// reinjectRead is what a re-inject of one entry read under its locks.
+type reinjectRead struct {
+	found bool           // the entry's row is there (and locked)
+	evs   []domain.Event // the entry's stream
+	deal  *domain.Deal   // the entry's deal, locked; nil when not read
+	// held: the inventory rows and saga of the deal, locked when it was read
+	// (a bulk batch reads them ahead for its reverted deals); nil: lock
+	// them when the deal is reinstated.
+	held *heldLocks
+	// aheadOnly: deal and held are all the re-inject may read; a deal not
+	// read ahead fails it with errNotReadAhead (the database does not hold
+	// the batch's earlier changes yet).
+	aheadOnly bool
+}
+
+// errNotReadAhead: the re-inject needs a deal that was not read ahead.
+var errNotReadAhead = errors.New("the deal was not read ahead")
+
+// heldLocks are inventory rows and sagas a transaction locked ahead.
+type heldLocks struct {
+	stock map[string]domain.Stock // by SKU; a SKU without a row is absent (zero stock)
+	sagas map[string]int          // saga version by key; absent: no saga row
+}
+
+// reinjectPlan is a re-inject decided but not yet written: its changes,
+// then (finish) the outbox message and the audit row.
+type reinjectPlan struct {
+	id      string
+	dl      *domain.DeadLetter
+	rev     domain.Revision
+	req     domain.InvoiceRequest
+	key     string
+	change  domain.Change   // the entry's own
+	changes []domain.Change // change, then the deal's, its inventory's and saga's when reinstated
+	// reinstated: the deal was reinstated (its inventory rows are locked).
+	reinstated bool
+	// deal: the deal as read, before the changes.
+	deal *domain.Deal
+}
+
+// planReinject checks what rd read and decides the re-inject of entry id:
+// the state guard, the revision's validity, the deal's state. Reads it
+// still needs (a deal not read ahead, the locks of a reinstate not held
+// yet) go through p, each in one round trip.
+func planReinject(ctx context.Context, p *pipe, id string, opt ReinjectOptions, a Actor, rd reinjectRead) (reinjectPlan, error) {
+	if !rd.found {
+		return reinjectPlan{}, fmt.Errorf("dead letter %s: %w", id, domain.ErrNotFound)
+	}
+	dl, err := domain.RehydrateDeadLetter(rd.evs)
+	if err != nil {
+		return reinjectPlan{}, err
+	}
 	if dl.State != domain.DLStateOpen {
-		return ReinjectResult{}, &domain.StateError{ID: id, State: dl.State, Action: "re-inject", Err: domain.ErrStateConflict}
+		return reinjectPlan{}, &domain.StateError{ID: id, State: dl.State, Action: "re-inject", Err: domain.ErrStateConflict}
 	}
 	if !reinjectableTopics[dl.Topic] {
-		return ReinjectResult{}, &domain.ValidationError{Field: "topic",
+		return reinjectPlan{}, &domain.ValidationError{Field: "topic",
 			Reason: fmt.Sprintf("messages of topic %q cannot be re-injected; discard them", dl.Topic)}
 	}
 	rev := dl.Latest()
 	req, err := ValidatePayload(dl.Topic, rev.Payload)
 	if err != nil {
-		return ReinjectResult{}, fmt.Errorf("revision %d is not valid; edit it first: %w", rev.Number, err)
+		return reinjectPlan{}, fmt.Errorf("revision %d is not valid; edit it first: %w", rev.Number, err)
 	}
 	// The same K is the entry's current key: after a re-inject under a new
 	// key it is that key (derived from the one in the payload), whose saga
@@ -525,13 +574,17 @@ func (s *Store) reinjectTx(ctx context.Context, p *pipe, id string, opt Reinject
 	if dl.Key != req.IdempotencyKey && strings.HasPrefix(dl.Key, req.IdempotencyKey+":r") {
 		req.IdempotencyKey = dl.Key
 	}
-	d := ahead
-	if !aheadOK || d.ID() != req.DealID {
+	d, held := rd.deal, rd.held
+	if d == nil || d.ID() != req.DealID {
 		// Not read ahead: the entry has no deal of its own (a poison
 		// message's), or the deal could not be read.
-		if d, err = loadDealForUpdate(ctx, tx, req.DealID); err != nil {
-			return ReinjectResult{}, fmt.Errorf("deal %s: %w", req.DealID, err)
+		if rd.aheadOnly {
+			return reinjectPlan{}, errNotReadAhead
 		}
+		if d, err = loadDealForUpdate(ctx, p.tx, req.DealID); err != nil {
+			return reinjectPlan{}, fmt.Errorf("deal %s: %w", req.DealID, err)
+		}
+		held = nil
 	}
 	key := req.IdempotencyKey
 	if opt.NewKey {
@@ -543,56 +596,75 @@ func (s *Store) reinjectTx(ctx context.Context, p *pipe, id string, opt Reinject
 	}
 	change, err := dl.Reinject(a.Name, opt.Reason, key, opt.NewKey, opt.OperationID, maxRe)
 	if err != nil {
-		return ReinjectResult{}, err
+		return reinjectPlan{}, err
 	}
-	changes := []domain.Change{change}
-	var sagaVersion int
+	plan := reinjectPlan{id: id, dl: dl, rev: rev, req: req, key: key, change: change, changes: []domain.Change{change}, deal: d}
 	switch {
 	case d.Status() == domain.StatusReverted && d.InvoiceKey() == req.IdempotencyKey:
-		// The deal's inventory rows (in lockStock's order), then its saga,
-		// locked in one round trip: another worker reinstating a deal of
-		// the same SKUs waits for them until this transaction commits.
 		stock := map[string]domain.Stock{}
-		p.lockedStock = true
-		for _, q := range d.Quantities() {
-			sku := q.SKU
-			p.b.Queue(`SELECT available, version FROM inventory WHERE sku=$1 FOR UPDATE`, sku).QueryRow(func(row pgx.Row) error {
-				st := domain.Stock{SKU: sku}
-				if err := row.Scan(&st.Available, &st.Version); err != nil && !errors.Is(err, pgx.ErrNoRows) {
-					return fmt.Errorf("cannot lock inventory %s: %w", sku, err)
+		var sagaVersion int
+		p.lockedStock, plan.reinstated = true, true
+		if held != nil {
+			// Locked ahead, with the deal.
+			for _, q := range d.Quantities() {
+				st, ok := held.stock[q.SKU]
+				if !ok {
+					st = domain.Stock{SKU: q.SKU}
 				}
-				stock[sku] = st
-				return nil
-			})
-		}
-		if !opt.NewKey {
-			p.b.Queue(`SELECT version FROM invoice_sagas WHERE idempotency_key=$1 FOR UPDATE`, key).QueryRow(func(row pgx.Row) error {
-				if err := row.Scan(&sagaVersion); err != nil && !errors.Is(err, pgx.ErrNoRows) {
-					return fmt.Errorf("cannot lock saga %s: %w", key, err)
-				}
-				return nil
-			})
-		}
-		if err := p.send(ctx); err != nil {
-			return ReinjectResult{}, err
+				stock[q.SKU] = st
+			}
+			if !opt.NewKey {
+				sagaVersion = held.sagas[key]
+			}
+		} else {
+			// The deal's inventory rows (in lockStock's order), then its
+			// saga, locked in one round trip: another worker reinstating a
+			// deal of the same SKUs waits for them until this transaction
+			// commits.
+			for _, q := range d.Quantities() {
+				sku := q.SKU
+				p.b.Queue(`SELECT available, version FROM inventory WHERE sku=$1 FOR UPDATE`, sku).QueryRow(func(row pgx.Row) error {
+					st := domain.Stock{SKU: sku}
+					if err := row.Scan(&st.Available, &st.Version); err != nil && !errors.Is(err, pgx.ErrNoRows) {
+						return fmt.Errorf("cannot lock inventory %s: %w", sku, err)
+					}
+					stock[sku] = st
+					return nil
+				})
+			}
+			if !opt.NewKey {
+				p.b.Queue(`SELECT version FROM invoice_sagas WHERE idempotency_key=$1 FOR UPDATE`, key).QueryRow(func(row pgx.Row) error {
+					if err := row.Scan(&sagaVersion); err != nil && !errors.Is(err, pgx.ErrNoRows) {
+						return fmt.Errorf("cannot lock saga %s: %w", key, err)
+					}
+					return nil
+				})
+			}
+			if err := p.send(ctx); err != nil {
+				return reinjectPlan{}, err
+			}
 		}
 		reinstate, err := d.Reinstate(key, opt.Reason, stock)
 		if err != nil {
-			return ReinjectResult{}, err
+			return reinjectPlan{}, err
 		}
-		changes = append(changes, reinstate...)
-		changes = append(changes, domain.Change{StreamID: domain.SagaStream(key), ExpectedVersion: sagaVersion,
+		plan.changes = append(plan.changes, reinstate...)
+		plan.changes = append(plan.changes, domain.Change{StreamID: domain.SagaStream(key), ExpectedVersion: sagaVersion,
 			Events: []domain.Event{domain.InvoiceSagaResumed{DealID: req.DealID, IdempotencyKey: key, DeadLetterID: id, OperationID: opt.OperationID}}})
 	case d.Status() == domain.StatusWon && d.InvoiceKey() == req.IdempotencyKey && !opt.NewKey:
 		// The saga never ended (a poison copy of its message, say): the
 		// fixed message simply joins it.
 	default:
-		return ReinjectResult{}, &domain.StateError{ID: id, State: "for a deal that is " + string(d.Status()) +
+		return reinjectPlan{}, &domain.StateError{ID: id, State: "for a deal that is " + string(d.Status()) +
 			" (key " + d.InvoiceKey() + ")", Action: "re-inject", Err: domain.ErrStateConflict}
 	}
-	if err := p.appendAndProject(ctx, a.meta(), changes...); err != nil {
-		return ReinjectResult{}, err
-	}
+	return plan, nil
+}
+
+// finish queues the re-inject's outbox message and audit row on p, once
+// its changes are appended (or queued to be).
+func (plan reinjectPlan) finish(ctx context.Context, p *pipe, opt ReinjectOptions, a Actor) (ReinjectResult, error) {
+	id, req, key := plan.id, plan.req, plan.key
 	req.IdempotencyKey = key
 	payload, err := json.Marshal(req)
 	if err != nil {
@@ -607,19 +679,19 @@ func (s *Store) reinjectTx(ctx context.Context, p *pipe, id string, opt Reinject
 		m.Metadata.Set(outbox.MetadataCorrelationID, a.RequestID)
 	}
 	queue.SetOrderingKey(m, req.DealID)
-	qtx := queuedTx{Tx: tx, p: p, what: fmt.Sprintf("cannot write the outbox message of dead letter %s", id)}
-	if err := outbox.PublishTx(ctx, qtx, dl.Topic, m); err != nil {
+	qtx := queuedTx{Tx: p.tx, p: p, what: fmt.Sprintf("cannot write the outbox message of dead letter %s", id)}
+	if err := outbox.PublishTx(ctx, qtx, plan.dl.Topic, m); err != nil {
 		return ReinjectResult{}, err
 	}
-	ev := change.Events[0].(domain.DeadLetterReinjected)
+	ev := plan.change.Events[0].(domain.DeadLetterReinjected)
 	reason := opt.Reason
 	if opt.NewKey {
 		reason += " (new idempotency key " + key + ")"
 	}
 	p.queue("cannot write audit log", auditSQL,
-		auditArgs(a, "dead_letter.reinject", "dead_letter", id, reason, rev.Payload, payload, nil, opt.OperationID)...)
+		auditArgs(a, "dead_letter.reinject", "dead_letter", id, reason, plan.rev.Payload, payload, nil, opt.OperationID)...)
 	return ReinjectResult{DeadLetterID: id, DealID: req.DealID, IdempotencyKey: key, NewKey: opt.NewKey,
-		Revision: rev.Number, Count: ev.Count, MessageUUID: m.UUID}, nil
+		Revision: plan.rev.Number, Count: ev.Count, MessageUUID: m.UUID}, nil
 }
 
 // dealColumns selects what scanDeal reads, as loadDealForUpdate does.
