@@ -51,6 +51,38 @@ func PublishTx(ctx context.Context, tx pgx.Tx, destTopic string, msgs ...*messag
 	return nil
 }
 
+// QueuePublishTx is PublishTx that queues the outbox insert in b instead of
+// running it: the caller sends b through tx (as one round trip with other
+// statements of the transaction) and must check the batch's error, which
+// fails the transaction. The envelope and the statement are the ones
+// PublishTx would write: the forwarder's and watermill-sql's own
+// (DefaultPostgreSQLSchema.InsertQuery). tx is marked as for PublishTx.
+func QueuePublishTx(b *pgx.Batch, tx pgx.Tx, destTopic string, msgs ...*message.Message) error {
+	if m, ok := tx.(WriteMarker); ok {
+		m.MarkOutboxWrite()
+	}
+	fwd := forwarder.NewPublisher(batchPublisher{b: b}, forwarder.PublisherConfig{ForwarderTopic: Topic})
+	if err := fwd.Publish(destTopic, msgs...); err != nil {
+		return fmt.Errorf("cannot write %d message(s) for %s to the outbox: %w", len(msgs), destTopic, err)
+	}
+	return nil
+}
+
+// batchPublisher is a message.Publisher that queues watermill-sql's insert
+// statement in a pgx batch.
+type batchPublisher struct{ b *pgx.Batch }
+
+func (p batchPublisher) Publish(topic string, msgs ...*message.Message) error {
+	q, err := wsql.DefaultPostgreSQLSchema{}.InsertQuery(wsql.InsertQueryParams{Topic: topic, Msgs: msgs})
+	if err != nil {
+		return err
+	}
+	p.b.Queue(q.Query, q.Args...)
+	return nil
+}
+
+func (batchPublisher) Close() error { return nil }
+
 // InvoiceTopic is the destination topic of invoice requests: the invoice
 // saga's work queue.
 const InvoiceTopic = "invoice-requests"

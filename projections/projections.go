@@ -39,6 +39,14 @@ func Apply(ctx context.Context, tx Execer, recs ...domain.RecordedEvent) error {
 // statement that fails or does not touch exactly one row fails the call;
 // tx is then aborted and the caller must roll back.
 func ApplyPipelined(ctx context.Context, tx pgx.Tx, recs ...domain.RecordedEvent) error {
+	return ApplyPipelinedWith(ctx, tx, nil, recs...)
+}
+
+// ApplyPipelinedWith is ApplyPipelined that also sends the statements
+// queued in also, after the projection statements and in the same round
+// trip; their own callbacks run, and the first error of either fails the
+// call.
+func ApplyPipelinedWith(ctx context.Context, tx pgx.Tx, also *pgx.Batch, recs ...domain.RecordedEvent) error {
 	x := &batchExecer{}
 	x.reset(tx)
 	for _, r := range recs {
@@ -46,6 +54,9 @@ func ApplyPipelined(ctx context.Context, tx pgx.Tx, recs ...domain.RecordedEvent
 		if err := Apply(ctx, x, r); err != nil {
 			return err
 		}
+	}
+	if also != nil {
+		x.b.QueuedQueries = append(x.b.QueuedQueries, also.QueuedQueries...)
 	}
 	return x.flush(ctx)
 }

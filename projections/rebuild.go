@@ -764,7 +764,7 @@ func (x *batchExecer) Exec(ctx context.Context, sql string, args ...any) (pgconn
 }
 
 func (x *batchExecer) flush(ctx context.Context) error {
-	if len(x.checks) == 0 {
+	if x.b.Len() == 0 {
 		return nil
 	}
 	br := x.tx.SendBatch(ctx, x.b)
@@ -781,8 +781,9 @@ func (x *batchExecer) flush(ctx context.Context) error {
 			break
 		}
 	}
+	// Close also runs what follows the checked statements (ApplyPipelinedWith).
 	if err := br.Close(); err != nil && failed == nil {
-		failed = fmt.Errorf("replay batch: %w", err)
+		failed = fmt.Errorf("projection batch: %w", err)
 	}
 	x.b, x.checks = &pgx.Batch{}, x.checks[:0]
 	return failed

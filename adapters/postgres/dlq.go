@@ -731,37 +731,6 @@ func scanDeal(row pgx.Row) (*domain.Deal, error) {
 	return domain.UnmarshalDealFromDatabase(s)
 }
 
-// resolveReinjectedTx closes what a successful re-injected saga leaves
-// open: the dead letter (resolved) and its alerts (resolved). It runs in the
-// transaction that records the invoice.
-func resolveReinjectedTx(ctx context.Context, tx pgx.Tx, dealID, key, invoiceNumber string, meta domain.Metadata) error {
-	rows, err := tx.Query(ctx, `SELECT id::text, version FROM dead_letters WHERE deal_id=$1 AND idempotency_key=$2 AND state='reinjected' FOR UPDATE`, dealID, key)
-	if err != nil {
-		return fmt.Errorf("cannot find re-injected dead letters: %w", err)
-	}
-	type dv struct {
-		id string
-		v  int
-	}
-	dls, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (dv, error) {
-		var x dv
-		return x, r.Scan(&x.id, &x.v)
-	})
-	if err != nil {
-		return fmt.Errorf("cannot read re-injected dead letters: %w", err)
-	}
-	for _, d := range dls {
-		if _, err := appendAndProject(ctx, tx, meta, domain.Change{StreamID: domain.DeadLetterStream(d.id), ExpectedVersion: d.v,
-			Events: []domain.Event{domain.DeadLetterResolved{DeadLetterID: d.id, InvoiceNumber: invoiceNumber}}}); err != nil {
-			return err
-		}
-		if err := resolveAlertsTx(ctx, tx, `dead_letter_id=$1`, d.id, "the re-injected invoice request succeeded: "+invoiceNumber, meta); err != nil {
-			return err
-		}
-	}
-	return nil
-}
-
 func resolveAlertsTx(ctx context.Context, tx pgx.Tx, where, arg, reason string, meta domain.Metadata) error {
 	rows, err := tx.Query(ctx, `SELECT id::text, version FROM alerts WHERE state <> 'resolved' AND `+where+` FOR UPDATE`, arg)
 	if err != nil {

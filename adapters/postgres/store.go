@@ -111,11 +111,17 @@ func (t markedTx) Begin(ctx context.Context) (pgx.Tx, error) {
 // two round trips: all the inserts pipelined, then all the projection
 // statements pipelined (they need the events as stored).
 func appendAndProject(ctx context.Context, tx pgx.Tx, meta domain.Metadata, changes ...domain.Change) ([]domain.RecordedEvent, error) {
+	return appendAndProjectWith(ctx, tx, meta, nil, changes...)
+}
+
+// appendAndProjectWith is appendAndProject that sends the statements queued
+// in also (e.g. an outbox insert) with the projections, in their round trip.
+func appendAndProjectWith(ctx context.Context, tx pgx.Tx, meta domain.Metadata, also *pgx.Batch, changes ...domain.Change) ([]domain.RecordedEvent, error) {
 	recs, err := AppendAllTx(ctx, tx, meta, changes...)
 	if err != nil {
 		return nil, err
 	}
-	if err := projections.ApplyPipelined(ctx, tx, recs...); err != nil {
+	if err := projections.ApplyPipelinedWith(ctx, tx, also, recs...); err != nil {
 		return nil, err
 	}
 	return recs, nil
@@ -184,21 +190,28 @@ func (s *Store) CloseDeal(ctx context.Context, id string, outcome domain.Outcome
 		if err != nil {
 			return err
 		}
-		if _, err := appendAndProject(ctx, tx, meta, changes...); err != nil {
-			return err
-		}
 		d.Apply(changes[0].Events...)
-		if outcome != domain.OutcomeWon {
-			return nil
-		}
-		if s.invoicePublisher != nil {
+		if outcome != domain.OutcomeWon || s.invoicePublisher != nil {
+			if _, err := appendAndProject(ctx, tx, meta, changes...); err != nil {
+				return err
+			}
+			if outcome != domain.OutcomeWon {
+				return nil
+			}
 			return s.invoicePublisher(ctx, tx, d.InvoiceRequestFor(), meta)
 		}
+		// The invoice request goes to the outbox in the projections' round
+		// trip.
 		msg, err := invoiceMessage(d.InvoiceRequestFor(), meta)
 		if err != nil {
 			return err
 		}
-		return outbox.PublishTx(ctx, tx, outbox.InvoiceTopic, msg)
+		var publish pgx.Batch
+		if err := outbox.QueuePublishTx(&publish, tx, outbox.InvoiceTopic, msg); err != nil {
+			return err
+		}
+		_, err = appendAndProjectWith(ctx, tx, meta, &publish, changes...)
+		return err
 	})
 	if err != nil {
 		return DealView{}, fmt.Errorf("cannot close deal %s: %w", id, err)
@@ -320,22 +333,26 @@ func (s *Store) RecordInvoice(ctx context.Context, dealID, key, number string, m
 	return s.RecordInvoiceWith(ctx, dealID, key, number, meta, nil)
 }
 
-// RecordInvoiceWith is RecordInvoice that also runs with, when non-nil, in
-// the same transaction after the recording (even when the invoice was
-// recorded before): the invoice saga acknowledges its work-queue message
-// there, so the recording and the acknowledgement commit together.
+// RecordInvoiceWith is RecordInvoice that also runs the statements with
+// queues, when non-nil, in the same transaction and in its first round trip
+// (so even when the invoice was recorded before): the invoice saga
+// acknowledges its work-queue message there (queue.QueueAckTx), so the
+// recording and the acknowledgement commit together. An error of with, or
+// of its statements, rolls the recording back.
 func (s *Store) RecordInvoiceWith(ctx context.Context, dealID, key, number string, meta domain.Metadata,
-	with func(ctx context.Context, tx pgx.Tx) error) (bool, error) {
+	with func(b *pgx.Batch) error) (bool, error) {
 	recorded := false
 	err := s.unit(ctx, func(tx pgx.Tx) error {
-		var err error
-		if recorded, err = recordInvoiceTx(ctx, tx, dealID, key, number, meta); err != nil {
-			return err
-		}
+		var also *pgx.Batch
 		if with != nil {
-			return with(ctx, tx)
+			also = &pgx.Batch{}
+			if err := with(also); err != nil {
+				return err
+			}
 		}
-		return nil
+		var err error
+		recorded, err = recordInvoiceTx(ctx, tx, dealID, key, number, meta, also)
+		return err
 	})
 	if err != nil {
 		return false, fmt.Errorf("cannot record invoice for deal %s: %w", dealID, err)

@@ -39,24 +39,29 @@ func WithInvoicePublisher(p InvoicePublisher) Option {
 // back, so does the recording. Use it to record the invoice atomically with
 // the caller's own writes (e.g. completing a job of another queue).
 func (s *Store) RecordInvoiceTx(ctx context.Context, tx pgx.Tx, dealID, key, number string, meta domain.Metadata) (bool, error) {
-	recorded, err := recordInvoiceTx(ctx, tx, dealID, key, number, meta)
+	recorded, err := recordInvoiceTx(ctx, tx, dealID, key, number, meta, nil)
 	if err != nil {
 		return false, fmt.Errorf("cannot record invoice for deal %s: %w", dealID, err)
 	}
 	return recorded, nil
 }
 
-// recordInvoiceTx is the body of RecordInvoice and RecordInvoiceTx.
-func recordInvoiceTx(ctx context.Context, tx pgx.Tx, dealID, key, number string, meta domain.Metadata) (bool, error) {
+// recordInvoiceTx is the body of RecordInvoice and RecordInvoiceTx. The
+// statements queued in also run in its first round trip, whether or not
+// the invoice is recorded now.
+func recordInvoiceTx(ctx context.Context, tx pgx.Tx, dealID, key, number string, meta domain.Metadata, also *pgx.Batch) (bool, error) {
 	if !validUUID(dealID) {
 		return false, domain.ErrNotFound
 	}
-	// The deal (locked) and the saga's failed attempts in one round trip.
+	// The deal (locked), the saga's failed attempts and the re-injected
+	// dead letters this success resolves (locked, after the deal as
+	// before) in one round trip.
 	var (
 		b      pgx.Batch
 		d      *domain.Deal
 		derr   error
 		failed int
+		dls    []deadLetterRef
 	)
 	b.Queue(dealColumns+` WHERE id=$1 FOR UPDATE`, dealID).QueryRow(func(row pgx.Row) error {
 		d, derr = scanDeal(row)
@@ -69,6 +74,21 @@ func recordInvoiceTx(ctx context.Context, tx pgx.Tx, dealID, key, number string,
 		}
 		return nil
 	})
+	b.Queue(`SELECT id::text, version FROM dead_letters WHERE deal_id=$1 AND idempotency_key=$2 AND state='reinjected' FOR UPDATE`,
+		dealID, key).Query(func(rows pgx.Rows) error {
+		var err error
+		dls, err = pgx.CollectRows(rows, func(r pgx.CollectableRow) (deadLetterRef, error) {
+			var x deadLetterRef
+			return x, r.Scan(&x.id, &x.v)
+		})
+		if err != nil && derr == nil {
+			return fmt.Errorf("cannot read re-injected dead letters: %w", err)
+		}
+		return nil
+	})
+	if also != nil {
+		b.QueuedQueries = append(b.QueuedQueries, also.QueuedQueries...)
+	}
 	cerr := tx.SendBatch(ctx, &b).Close()
 	if derr != nil { // the deal's own error names it best
 		return false, derr
@@ -84,8 +104,30 @@ func recordInvoiceTx(ctx context.Context, tx pgx.Tx, dealID, key, number string,
 		return false, err
 	}
 	// A re-injected dead letter of this saga is resolved by its success.
-	if err := resolveReinjectedTx(ctx, tx, dealID, key, number, meta); err != nil {
+	if err := resolveDeadLettersTx(ctx, tx, dls, number, meta); err != nil {
 		return false, err
 	}
 	return true, nil
+}
+
+// deadLetterRef is a dead letter's id and version.
+type deadLetterRef struct {
+	id string
+	v  int
+}
+
+// resolveDeadLettersTx closes what a successful re-injected saga leaves
+// open: its dead letters dls (resolved) and their alerts (resolved). It runs
+// in the transaction that records the invoice, which locked dls.
+func resolveDeadLettersTx(ctx context.Context, tx pgx.Tx, dls []deadLetterRef, invoiceNumber string, meta domain.Metadata) error {
+	for _, d := range dls {
+		if _, err := appendAndProject(ctx, tx, meta, domain.Change{StreamID: domain.DeadLetterStream(d.id), ExpectedVersion: d.v,
+			Events: []domain.Event{domain.DeadLetterResolved{DeadLetterID: d.id, InvoiceNumber: invoiceNumber}}}); err != nil {
+			return err
+		}
+		if err := resolveAlertsTx(ctx, tx, `dead_letter_id=$1`, d.id, "the re-injected invoice request succeeded: "+invoiceNumber, meta); err != nil {
+			return err
+		}
+	}
+	return nil
 }

@@ -15,6 +15,7 @@ import (
 
 	"github.com/ThreeDotsLabs/watermill/message"
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgtype"
 	"github.com/jackc/pgx/v5/pgxpool"
 )
@@ -586,6 +587,24 @@ func AckTx(ctx context.Context, tx pgx.Tx, msg *message.Message) error {
 	if tag.RowsAffected() == 1 {
 		c.ackedInTx.Store(true)
 	}
+	return nil
+}
+
+// QueueAckTx is AckTx queued in b, a batch the handler sends through its
+// own transaction: the row's delete runs when b is sent, and the effect is
+// the same as AckTx's (including for AckTxCommitted). A failed delete fails
+// the batch.
+func QueueAckTx(b *pgx.Batch, msg *message.Message) error {
+	c, ok := msg.Context().Value(claimKey{}).(*claim)
+	if !ok {
+		return errors.New("queue: QueueAckTx: the message was not delivered by a queue Subscriber")
+	}
+	b.Queue(ackSQL, c.id, c.token).Exec(func(tag pgconn.CommandTag) error {
+		if tag.RowsAffected() == 1 {
+			c.ackedInTx.Store(true)
+		}
+		return nil
+	})
 	return nil
 }
 

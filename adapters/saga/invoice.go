@@ -361,11 +361,11 @@ func (h *InvoiceHandler) record(ctx context.Context, msg *message.Message, req d
 // ackTx returns the step that acknowledges msg inside the recording
 // transaction, when msg came from the work queue (tests may hand the
 // handler messages of their own).
-func (h *InvoiceHandler) ackTx(msg *message.Message) func(context.Context, pgx.Tx) error {
+func (h *InvoiceHandler) ackTx(msg *message.Message) func(*pgx.Batch) error {
 	if !queue.Delivered(msg) {
 		return nil
 	}
-	return func(ctx context.Context, tx pgx.Tx) error { return queue.AckTx(ctx, tx, msg) }
+	return func(b *pgx.Batch) error { return queue.QueueAckTx(b, msg) }
 }
 
 // alertDuplicate raises the critical duplicate_invoice alert of req's key,
