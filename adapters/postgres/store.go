@@ -134,14 +134,18 @@ func (s *Store) CreateDeal(ctx context.Context, customer domain.Customer, curren
 	if err != nil {
 		return DealView{}, err
 	}
+	var read *dealViewRead
 	err = s.unit(ctx, func(tx pgx.Tx) error {
-		_, err := appendAndProject(ctx, tx, meta, change)
+		// The new deal's view is read back with the projections.
+		var b pgx.Batch
+		read = queueDealView(&b, id)
+		_, err := appendAndProjectWith(ctx, tx, meta, &b, change)
 		return err
 	})
 	if err != nil {
 		return DealView{}, fmt.Errorf("cannot create deal: %w", err)
 	}
-	return s.GetDeal(ctx, id)
+	return read.view()
 }
 
 // loadDealForUpdate reads the deal's read-model row with a row lock, which
@@ -172,6 +176,7 @@ func dealLoaded(id string, d *domain.Deal, err error) (*domain.Deal, error) {
 // the outbox. Not enough stock → *domain.InsufficientStockError and nothing
 // changes.
 func (s *Store) CloseDeal(ctx context.Context, id string, outcome domain.Outcome, expectedVersion *int, meta domain.Metadata) (DealView, error) {
+	var read *dealViewRead
 	err := s.unit(ctx, func(tx pgx.Tx) error {
 		var (
 			d     *domain.Deal
@@ -191,32 +196,31 @@ func (s *Store) CloseDeal(ctx context.Context, id string, outcome domain.Outcome
 			return err
 		}
 		d.Apply(changes[0].Events...)
-		if outcome != domain.OutcomeWon || s.invoicePublisher != nil {
-			if _, err := appendAndProject(ctx, tx, meta, changes...); err != nil {
+		// After the projections and in their round trip: the invoice
+		// request's outbox insert, then the reads of the closed deal's view.
+		var also pgx.Batch
+		if outcome == domain.OutcomeWon && s.invoicePublisher == nil {
+			msg, err := invoiceMessage(d.InvoiceRequestFor(), meta)
+			if err != nil {
 				return err
 			}
-			if outcome != domain.OutcomeWon {
-				return nil
+			if err := outbox.QueuePublishTx(&also, tx, outbox.InvoiceTopic, msg); err != nil {
+				return err
 			}
+		}
+		read = queueDealView(&also, id)
+		if _, err := appendAndProjectWith(ctx, tx, meta, &also, changes...); err != nil {
+			return err
+		}
+		if outcome == domain.OutcomeWon && s.invoicePublisher != nil {
 			return s.invoicePublisher(ctx, tx, d.InvoiceRequestFor(), meta)
 		}
-		// The invoice request goes to the outbox in the projections' round
-		// trip.
-		msg, err := invoiceMessage(d.InvoiceRequestFor(), meta)
-		if err != nil {
-			return err
-		}
-		var publish pgx.Batch
-		if err := outbox.QueuePublishTx(&publish, tx, outbox.InvoiceTopic, msg); err != nil {
-			return err
-		}
-		_, err = appendAndProjectWith(ctx, tx, meta, &publish, changes...)
-		return err
+		return nil
 	})
 	if err != nil {
 		return DealView{}, fmt.Errorf("cannot close deal %s: %w", id, err)
 	}
-	return s.GetDeal(ctx, id)
+	return read.view()
 }
 
 func invoiceMessage(req domain.InvoiceRequest, meta domain.Metadata) (*message.Message, error) {
@@ -685,23 +689,37 @@ func (s *Store) GetDeal(ctx context.Context, id string) (DealView, error) {
 	if !validUUID(id) {
 		return DealView{}, domain.ErrNotFound
 	}
-	var (
-		v     DealView
-		lines []byte
-		invNo *string
-		found bool
-		b     pgx.Batch
-	)
-	// The row and its events, pipelined in one round trip.
+	var b pgx.Batch
+	r := queueDealView(&b, id)
+	if err := s.pool.SendBatch(ctx, &b).Close(); err != nil {
+		return DealView{}, fmt.Errorf("cannot read deal %s: %w", id, err)
+	}
+	return r.view()
+}
+
+// dealViewRead is a deal view being read by a batch (queueDealView).
+type dealViewRead struct {
+	id    string
+	v     DealView
+	lines []byte
+	invNo *string
+	found bool
+}
+
+// queueDealView queues the reads of deal id's view in b: the row and its
+// events, in one round trip. Once b has been sent, view returns it.
+func queueDealView(b *pgx.Batch, id string) *dealViewRead {
+	r := &dealViewRead{id: id}
+	v := &r.v
 	b.Queue(`SELECT id::text, status, version, customer_id, customer_name, currency, lines, total,
 			close_version, idempotency_key, invoice_number, created_at, updated_at
 		FROM deals WHERE id=$1`, id).QueryRow(func(row pgx.Row) error {
 		err := row.Scan(&v.ID, &v.Status, &v.Version, &v.Customer.ID, &v.Customer.Name, &v.Currency,
-			&lines, &v.Total, &v.CloseVersion, &v.IdempotencyKey, &invNo, &v.CreatedAt, &v.UpdatedAt)
+			&r.lines, &v.Total, &v.CloseVersion, &v.IdempotencyKey, &r.invNo, &v.CreatedAt, &v.UpdatedAt)
 		if errors.Is(err, pgx.ErrNoRows) {
 			return nil
 		}
-		found = err == nil
+		r.found = err == nil
 		return err
 	})
 	b.Queue(`SELECT position, type, stream_version, schema_version, payload, recorded_at
@@ -714,17 +732,20 @@ func (s *Store) GetDeal(ctx context.Context, id string) (DealView, error) {
 		})
 		return err
 	})
-	if err := s.pool.SendBatch(ctx, &b).Close(); err != nil {
-		return DealView{}, fmt.Errorf("cannot read deal %s: %w", id, err)
-	}
-	if !found {
+	return r
+}
+
+// view returns the view read, or domain.ErrNotFound.
+func (r *dealViewRead) view() (DealView, error) {
+	if !r.found {
 		return DealView{}, domain.ErrNotFound
 	}
-	if err := json.Unmarshal(lines, &v.Lines); err != nil {
-		return DealView{}, fmt.Errorf("deal %s lines: %w", id, err)
+	v := r.v
+	if err := json.Unmarshal(r.lines, &v.Lines); err != nil {
+		return DealView{}, fmt.Errorf("deal %s lines: %w", r.id, err)
 	}
-	if invNo != nil && v.IdempotencyKey != nil {
-		v.Invoice = &InvoiceView{Number: *invNo, IdempotencyKey: *v.IdempotencyKey}
+	if r.invNo != nil && v.IdempotencyKey != nil {
+		v.Invoice = &InvoiceView{Number: *r.invNo, IdempotencyKey: *v.IdempotencyKey}
 	}
 	return v, nil
 }
