@@ -40,6 +40,29 @@ type Notifier struct {
 	again   bool
 }
 
+// notifySQL wakes the relays; sent outside any transaction it writes no WAL.
+const notifySQL = `SELECT pg_notify('` + NotifyChannel + `', '')`
+
+// AfterCommit is for a writer that can run a statement right after its own
+// commit in the same round trip (a pipelined COMMIT; statement): it returns
+// the statement that wakes the relays, or "" when a notification being
+// sent now will be followed by another one that covers this commit.
+func (n *Notifier) AfterCommit() string {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if n.sending {
+		n.again = true
+		return ""
+	}
+	return notifySQL
+}
+
+// AfterCommitFailed reports that the statement AfterCommit returned failed:
+// the relays will find the rows at their next poll.
+func (n *Notifier) AfterCommitFailed(ctx context.Context, err error) {
+	n.log.WarnContext(ctx, "outbox: cannot wake the relays; they will poll", "err", err)
+}
+
 // NewNotifier returns a Notifier sending through pool.
 func NewNotifier(pool *pgxpool.Pool, logger *slog.Logger) *Notifier {
 	if logger == nil {
@@ -63,7 +86,7 @@ func (n *Notifier) Notify(ctx context.Context) {
 	n.mu.Unlock()
 	for {
 		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Second)
-		_, err := n.pool.Exec(sctx, `SELECT pg_notify($1, '')`, pgx.QueryExecModeSimpleProtocol, NotifyChannel)
+		_, err := n.pool.Exec(sctx, notifySQL, pgx.QueryExecModeSimpleProtocol)
 		cancel()
 		if err != nil {
 			n.log.WarnContext(ctx, "outbox: cannot wake the relays; they will poll", "err", err)

@@ -65,12 +65,18 @@ func (s *Store) Pool() *pgxpool.Pool { return s.pool }
 
 // unit runs fn in one transaction and commits it, returning the commit error
 // if the commit fails: success means durable.
+//
+// Its BEGIN travels with the first statements fn sends (pipeTx).
 func (s *Store) unit(ctx context.Context, fn func(tx pgx.Tx) error) error {
-	tx, err := s.pool.Begin(ctx)
+	conn, err := s.pool.Acquire(ctx)
 	if err != nil {
 		return fmt.Errorf("cannot begin transaction: %w", err)
 	}
-	defer func() { _ = tx.Rollback(context.WithoutCancel(ctx)) }()
+	tx := &pipeTx{conn: conn}
+	defer func() {
+		_ = tx.Rollback(context.WithoutCancel(ctx)) // after Commit: ErrTxClosed, nothing sent
+		conn.Release()                              // a connection left inside a transaction is closed, not reused
+	}()
 	mt := markedTx{Tx: tx, wrote: new(atomic.Bool)}
 	if err := fn(mt); err != nil {
 		return err
@@ -80,11 +86,21 @@ func (s *Store) unit(ctx context.Context, fn func(tx pgx.Tx) error) error {
 			return fmt.Errorf("before commit: %w", err)
 		}
 	}
-	if err := tx.Commit(ctx); err != nil {
-		return fmt.Errorf("cannot commit: %w", err)
-	}
+	var then []string
 	if mt.wrote.Load() {
-		s.notifier.Notify(ctx)
+		// The relays' wake-up rides with the COMMIT, after it.
+		if sql := s.notifier.AfterCommit(); sql != "" {
+			then = append(then, sql)
+		}
+	}
+	err = tx.commitThen(ctx, then...)
+	var after *errAfterCommit
+	if errors.As(err, &after) {
+		s.notifier.AfterCommitFailed(ctx, after.err)
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("cannot commit: %w", err)
 	}
 	return nil
 }
