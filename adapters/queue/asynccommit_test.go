@@ -68,3 +68,51 @@ func TestClaimAsyncCommitStaysInTheClaim(t *testing.T) {
 		t.Errorf("control: after the batch synchronous_commit is %q, want on", v)
 	}
 }
+
+// TestPublisherAsyncCommitIsTransactionLocal: a publisher with AsyncCommit
+// turns synchronous_commit off for the caller's transaction it publishes
+// in, and only for it; without AsyncCommit (the control) the transaction
+// keeps the session's setting.
+func TestPublisherAsyncCommitIsTransactionLocal(t *testing.T) {
+	dbURL := newDatabase(t)
+	ctx := t.Context()
+	conn, err := pgx.Connect(ctx, dbURL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = conn.Exec(ctx, `DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET synchronous_commit = on', current_database()); END $$`)
+	_ = conn.Close(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pool := newPool(t, dbURL, "wq-async-pub", 1)
+	for _, async := range []bool{true, false} {
+		pub, err := queue.NewPublisher(pool, queue.PublisherConfig{AsyncCommit: async}, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		tx, err := pool.Begin(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		m := newMsg("x")
+		m.SetContext(queue.ContextWithTx(ctx, tx))
+		if err := pub.Publish("async-pub", m); err != nil {
+			t.Fatal(err)
+		}
+		var inside, after string
+		if err := tx.QueryRow(ctx, `SHOW synchronous_commit`).Scan(&inside); err != nil {
+			t.Fatal(err)
+		}
+		if err := tx.Commit(ctx); err != nil {
+			t.Fatal(err)
+		}
+		if err := pool.QueryRow(ctx, `SHOW synchronous_commit`).Scan(&after); err != nil {
+			t.Fatal(err)
+		}
+		want := map[bool]string{true: "off", false: "on"}[async]
+		if inside != want || after != "on" {
+			t.Errorf("AsyncCommit %v: synchronous_commit %q in the publishing transaction, %q after it; want %q, then on", async, inside, after, want)
+		}
+	}
+}
