@@ -22,23 +22,48 @@ import (
 // Written by hand because pgx's own Tx always sends BEGIN on its own; on
 // this kind of machine a round trip costs more than most statements.
 type pipeTx struct {
-	conn  *pgxpool.Conn
-	begun bool // BEGIN has been sent
-	done  bool // committed or rolled back
-	sps   int  // savepoints taken, to name the next
+	conn    *pgxpool.Conn
+	started bool // BEGIN has been sent (alone or in front of a batch)
+	done    bool // committed or rolled back
+	sps     int  // savepoints taken, to name the next
 }
 
 var _ pgx.Tx = (*pipeTx)(nil)
 
+// errNeverBegan: the transaction's first batch failed before anything in it
+// ran (e.g. a statement that did not parse), BEGIN included. Like pgx's own
+// transaction after a failed statement, it then refuses every statement and
+// its commit fails, rather than let later statements run outside any
+// transaction.
+var errNeverBegan = errors.New("the transaction failed before it began (its first batch did not run); roll it back")
+
+// inTx reports whether the server has the transaction open (or failed), as
+// of the last statement: the truth, not what was sent.
+func (t *pipeTx) inTx() bool {
+	s := t.conn.Conn().PgConn().TxStatus()
+	return s == 'T' || s == 'E'
+}
+
+// usable is nil when a statement may be sent.
+func (t *pipeTx) usable() error {
+	switch {
+	case t.done:
+		return pgx.ErrTxClosed
+	case t.started && !t.inTx():
+		return errNeverBegan
+	}
+	return nil
+}
+
 // begin sends BEGIN on its own, when the first statement is not a batch.
 func (t *pipeTx) begin(ctx context.Context) error {
-	if t.done {
-		return pgx.ErrTxClosed
+	if err := t.usable(); err != nil {
+		return err
 	}
-	if t.begun {
+	if t.started {
 		return nil
 	}
-	t.begun = true // even if it fails: Rollback then cleans up
+	t.started = true
 	if _, err := t.conn.Exec(ctx, "begin"); err != nil {
 		return fmt.Errorf("cannot begin transaction: %w", err)
 	}
@@ -46,13 +71,13 @@ func (t *pipeTx) begin(ctx context.Context) error {
 }
 
 func (t *pipeTx) SendBatch(ctx context.Context, b *pgx.Batch) pgx.BatchResults {
-	if t.done {
-		return &failedBatch{err: pgx.ErrTxClosed}
+	if err := t.usable(); err != nil {
+		return &failedBatch{err: err}
 	}
-	if t.begun {
+	if t.started {
 		return t.conn.SendBatch(ctx, b)
 	}
-	t.begun = true
+	t.started = true
 	// BEGIN goes first in the same batch; its result is read here, so the
 	// caller sees the results of its own statements only.
 	withBegin := &pgx.Batch{QueuedQueries: make([]*pgx.QueuedQuery, 0, len(b.QueuedQueries)+1)}
@@ -134,8 +159,11 @@ func (t *pipeTx) commitThen(ctx context.Context, then ...string) error {
 		return pgx.ErrTxClosed
 	}
 	t.done = true
-	if !t.begun {
+	switch {
+	case !t.started:
 		return nil // nothing was sent: nothing to commit
+	case !t.inTx():
+		return pgx.ErrTxCommitRollback // it never began (errNeverBegan)
 	}
 	// One simple-protocol query string: COMMIT ends the transaction, and
 	// each statement after it runs in an implicit transaction of its own
@@ -179,7 +207,7 @@ func (t *pipeTx) Rollback(ctx context.Context) error {
 		return pgx.ErrTxClosed
 	}
 	t.done = true
-	if !t.begun {
+	if !t.inTx() {
 		return nil
 	}
 	_, err := t.conn.Exec(ctx, "rollback")
