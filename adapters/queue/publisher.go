@@ -17,24 +17,14 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 )
 
-// PublisherConfig configures a [Publisher]. The zero value is ready to use.
-type PublisherConfig struct {
-	// AsyncCommit makes a publish inside the caller's transaction turn
-	// synchronous_commit off for that transaction (SET LOCAL): its commit
-	// then does not wait for the WAL flush. Only for a publisher whose
-	// transaction may be lost to a server crash without losing a message:
-	// the outbox relay, whose offsets roll back with the rows it enqueued
-	// (they are relayed again), and any handler that committed
-	// synchronously after acting on such a row flushed the WAL past it.
-	// A publish through the pool ignores it.
-	AsyncCommit bool
-}
+// PublisherConfig configures a [Publisher]. The zero value is ready to use;
+// there is nothing to configure yet.
+type PublisherConfig struct{}
 
 // Publisher enqueues messages into the work_queue table. It is safe for
 // concurrent use.
 type Publisher struct {
 	pool   *pgxpool.Pool
-	cfg    PublisherConfig
 	log    *slog.Logger
 	closed atomic.Bool
 }
@@ -54,7 +44,7 @@ func NewPublisher(pool *pgxpool.Pool, cfg PublisherConfig, logger *slog.Logger) 
 	if pool == nil {
 		return nil, errors.New("queue: nil pool")
 	}
-	return &Publisher{pool: pool, cfg: cfg, log: cmp.Or(logger, slog.Default())}, nil
+	return &Publisher{pool: pool, log: cmp.Or(logger, slog.Default())}, nil
 }
 
 // Publish enqueues msgs on topic. Guarantees:
@@ -144,8 +134,6 @@ const insertSQL = `INSERT INTO work_queue (topic, uuid, payload, metadata, order
 
 const lockSQL = `SELECT pg_advisory_xact_lock($1::int4, hashtext($2 || chr(31) || $3))`
 
-const asyncCommitSQL = `SET LOCAL synchronous_commit = off`
-
 const notifySQL = `SELECT pg_notify('` + NotifyChannel + `', $1)`
 
 func (p *Publisher) publish(ctx context.Context, ex executor, topic string, msgs []*message.Message) error {
@@ -174,16 +162,14 @@ func (p *Publisher) publish(ctx context.Context, ex executor, topic string, msgs
 	slices.Sort(keys)
 	keys = slices.Compact(keys)
 
-	_, onPool := ex.(*pgxpool.Pool)
-	async := p.cfg.AsyncCommit && !onPool
 	var err error
 	switch ex := ex.(type) {
 	case interface {
 		SendBatch(context.Context, *pgx.Batch) pgx.BatchResults
 	}:
-		err = publishBatch(ctx, ex, topic, keys, rows, async)
+		err = publishBatch(ctx, ex, topic, keys, rows)
 	case wsql.Tx:
-		err = publishExec(ctx, ex, topic, keys, rows, async)
+		err = publishExec(ctx, ex, topic, keys, rows)
 	default:
 		err = fmt.Errorf("unsupported transaction type %T", ex)
 	}
@@ -197,11 +183,8 @@ func (p *Publisher) publish(ctx context.Context, ex executor, topic string, msgs
 // batch runs as one implicit transaction; in a pgx.Tx it runs inside it.
 func publishBatch(ctx context.Context, ex interface {
 	SendBatch(context.Context, *pgx.Batch) pgx.BatchResults
-}, topic string, keys []string, rows []row, async bool) (err error) {
+}, topic string, keys []string, rows []row) (err error) {
 	b := &pgx.Batch{}
-	if async {
-		b.Queue(asyncCommitSQL)
-	}
 	for _, k := range keys {
 		b.Queue(lockSQL, advisoryLockClass, topic, k)
 	}
@@ -221,12 +204,7 @@ func publishBatch(ctx context.Context, ex interface {
 
 // publishExec runs the statements one by one in a watermill-sql transaction
 // that is not backed by pgx (database/sql).
-func publishExec(ctx context.Context, tx wsql.Tx, topic string, keys []string, rows []row, async bool) error {
-	if async {
-		if _, err := tx.ExecContext(ctx, asyncCommitSQL); err != nil {
-			return err
-		}
-	}
+func publishExec(ctx context.Context, tx wsql.Tx, topic string, keys []string, rows []row) error {
 	for _, k := range keys {
 		if _, err := tx.ExecContext(ctx, lockSQL, advisoryLockClass, topic, k); err != nil {
 			return err

@@ -281,7 +281,7 @@ func (s *Subscriber) claim(ctx context.Context, topic string, n int) ([]*claim, 
 		bad    error // a row that could not be read: nothing is delivered
 	)
 	b.Queue(`BEGIN`)
-	b.Queue(asyncCommitSQL)
+	b.Queue(`SET LOCAL synchronous_commit = off`)
 	b.Queue(claimSQL, topic, s.cfg.Lease.Microseconds(), n).Query(func(rows pgx.Rows) error {
 		for rows.Next() {
 			c := &claim{claimedAt: claimedAt, fetchedAt: time.Now()}

@@ -152,10 +152,7 @@ type RelayConfig struct {
 // relay's own transaction, so it never wedges the relay and is never
 // silently dropped.
 func RunRelay(ctx context.Context, pool *pgxpool.Pool, cfg RelayConfig, logger *slog.Logger) error {
-	// The relay's transactions commit without waiting for the WAL flush:
-	// one lost to a server crash takes its offsets with it, so its messages
-	// are relayed again (see queue.PublisherConfig.AsyncCommit).
-	pub, err := queue.NewPublisher(pool, queue.PublisherConfig{AsyncCommit: true}, logger)
+	pub, err := queue.NewPublisher(pool, queue.PublisherConfig{}, logger)
 	if err != nil {
 		return err
 	}
