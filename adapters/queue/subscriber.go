@@ -261,52 +261,31 @@ func (s *Subscriber) opCtx(ctx context.Context) (context.Context, context.Cancel
 	return context.WithTimeout(context.WithoutCancel(ctx), s.cfg.Lease)
 }
 
-// A claim runs in an explicit transaction with synchronous_commit=off, all
-// in one round trip: a claim is a lease, and losing the last claims to a
-// server crash only makes their messages claimable again, which the
-// at-least-once contract allows. Anything a handler commits synchronously
-// afterwards flushes the WAL up to and including the claim, so a claim
-// whose message was acted on durably is never lost. What it saves is a WAL
-// flush per claim query. (SET LOCAL in a batch without BEGIN leaks to the
-// session: TestClaimAsyncCommitStaysInTheClaim.)
-
 // claim claims up to n messages of topic, oldest first.
 func (s *Subscriber) claim(ctx context.Context, topic string, n int) ([]*claim, error) {
 	ctx, cancel := s.opCtx(ctx)
 	defer cancel()
 	claimedAt := time.Now()
-	var (
-		b      pgx.Batch
-		claims []*claim
-		bad    error // a row that could not be read: nothing is delivered
-	)
-	b.Queue(`BEGIN`)
-	b.Queue(`SET LOCAL synchronous_commit = off`)
-	b.Queue(claimSQL, topic, s.cfg.Lease.Microseconds(), n).Query(func(rows pgx.Rows) error {
-		for rows.Next() {
-			c := &claim{claimedAt: claimedAt, fetchedAt: time.Now()}
-			var md []byte
-			if err := rows.Scan(&c.id, &c.token, &c.uuid, &c.payload, &md, &c.attempt, &c.enqueuedAt); err != nil {
-				bad = fmt.Errorf("queue: cannot read a claim from %q: %w", topic, err)
-				return bad
-			}
-			if err := json.Unmarshal(md, &c.metadata); err != nil {
-				// Deliver anyway: losing metadata is better than a poison
-				// row that blocks its ordering key forever.
-				s.log.ErrorContext(ctx, "queue: undecodable metadata", "id", c.id, "err", err)
-			}
-			claims = append(claims, c)
+	rows, err := s.pool.Query(ctx, claimSQL, topic, s.cfg.Lease.Microseconds(), n)
+	if err != nil {
+		return nil, fmt.Errorf("queue: cannot claim from %q: %w", topic, err)
+	}
+	var claims []*claim
+	for rows.Next() {
+		c := &claim{claimedAt: claimedAt, fetchedAt: time.Now()}
+		var md []byte
+		if err := rows.Scan(&c.id, &c.token, &c.uuid, &c.payload, &md, &c.attempt, &c.enqueuedAt); err != nil {
+			rows.Close()
+			return nil, fmt.Errorf("queue: cannot read a claim from %q: %w", topic, err)
 		}
-		return rows.Err()
-	})
-	b.Queue(`COMMIT`)
-	// A failure leaves the connection in an aborted transaction; the pool
-	// discards such a connection when it is released.
-	err := s.pool.SendBatch(ctx, &b).Close()
-	switch {
-	case bad != nil:
-		return nil, bad
-	case err != nil:
+		if err := json.Unmarshal(md, &c.metadata); err != nil {
+			// Deliver anyway: losing metadata is better than a poison row
+			// that blocks its ordering key forever.
+			s.log.ErrorContext(ctx, "queue: undecodable metadata", "id", c.id, "err", err)
+		}
+		claims = append(claims, c)
+	}
+	if err := rows.Err(); err != nil {
 		// The statement failed as a whole (nothing committed), or the
 		// connection broke after it committed: rows already read are
 		// delivered; any others come back when their lease expires.
