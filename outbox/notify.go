@@ -45,17 +45,11 @@ const notifySQL = `SELECT pg_notify('` + NotifyChannel + `', '')`
 
 // AfterCommit is for a writer that can run a statement right after its own
 // commit in the same round trip (a pipelined COMMIT; statement): it returns
-// the statement that wakes the relays, or "" when a notification being
-// sent now will be followed by another one that covers this commit.
-func (n *Notifier) AfterCommit() string {
-	n.mu.Lock()
-	defer n.mu.Unlock()
-	if n.sending {
-		n.again = true
-		return ""
-	}
-	return notifySQL
-}
+// the statement that wakes the relays. Each such commit sends its own: one
+// coalesced with a notification already being sent could reach a relay
+// before this commit's rows are visible, and they would wait for its next
+// poll.
+func (n *Notifier) AfterCommit() string { return notifySQL }
 
 // AfterCommitFailed reports that the statement AfterCommit returned failed:
 // the relays will find the rows at their next poll.

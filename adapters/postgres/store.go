@@ -88,10 +88,7 @@ func (s *Store) unit(ctx context.Context, fn func(tx pgx.Tx) error) error {
 	}
 	var then []string
 	if mt.wrote.Load() {
-		// The relays' wake-up rides with the COMMIT, after it.
-		if sql := s.notifier.AfterCommit(); sql != "" {
-			then = append(then, sql)
-		}
+		then = append(then, s.notifier.AfterCommit()) // the relays' wake-up, after the COMMIT, in its round trip
 	}
 	err = tx.commitThen(ctx, then...)
 	var after *errAfterCommit
