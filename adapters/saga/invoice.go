@@ -159,8 +159,12 @@ func (h *InvoiceHandler) Handle(msg *message.Message) error {
 	}
 
 	// After a failed attempt, the ERP may hold the invoice already (a lost
-	// response, or an ERP that deduplicates nothing): look it up first.
-	if saga.Attempts > 0 {
+	// response, or an ERP that deduplicates nothing): look it up first. So
+	// on a redelivery too: the handler that had the message may have
+	// created the invoice and then failed to record it (a crash, a lost
+	// lease, the database away), with no failed attempt recorded; an ERP
+	// that deduplicates nothing would otherwise get a second invoice.
+	if saga.Attempts > 0 || queue.Attempt(msg) > 1 {
 		inv, found, err := h.erp.FindInvoiceByKey(ctx, req.IdempotencyKey)
 		if err != nil {
 			return h.retryLater(ctx, msg, req, saga, err, 0, log, meta)

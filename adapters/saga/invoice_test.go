@@ -19,6 +19,7 @@ import (
 	"github.com/dealbridge/dealbridge/adapters/erp/erpsim"
 	"github.com/dealbridge/dealbridge/adapters/postgres"
 	"github.com/dealbridge/dealbridge/adapters/postgres/pgtest"
+	"github.com/dealbridge/dealbridge/adapters/queue"
 	"github.com/dealbridge/dealbridge/adapters/saga"
 	"github.com/dealbridge/dealbridge/domain"
 	"github.com/dealbridge/dealbridge/outbox"
@@ -357,6 +358,49 @@ func TestERPCommittedLocalCommitLost(t *testing.T) {
 			t.Fatalf("%d replayed ERP attempts, want 1 (stats %+v)", r, e.sim.Stats())
 		}
 	})
+}
+
+// TestRedeliveryLooksUpBeforeCreating: the first delivery created the
+// invoice and failed to record it (its commit failed) without recording a
+// failed attempt. The redelivery (queue attempt 2) looks the invoice up by
+// key and records it: no second create reaches the ERP, which matters for
+// an ERP that deduplicates nothing. The control: a first delivery (attempt
+// 1) of another deal creates without a lookup.
+func TestRedeliveryLooksUpBeforeCreating(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, 4, erpsim.Config{})
+	d, m := e.wonDeal(t)
+	key := *d.IdempotencyKey
+	errCrash := errors.New("crash before local commit")
+	crashing := saga.NewInvoiceHandler(
+		postgres.NewStore(e.pool, postgres.WithBeforeCommit(func(context.Context, pgx.Tx) error { return errCrash })),
+		e.client, saga.Config{}, slog.New(slog.DiscardHandler))
+	first := delivery(t, m)
+	first.Metadata.Set(queue.MetadataAttempt, "1")
+	if err := crashing.Handle(first); !errors.Is(err, errCrash) {
+		t.Fatalf("first delivery: %v, want the injected crash", err)
+	}
+	again := delivery(t, m)
+	again.Metadata.Set(queue.MetadataAttempt, "2")
+	if err := e.handler.Handle(again); err != nil {
+		t.Fatalf("redelivery: %v", err)
+	}
+	e.assertInvoicedOnce(t, d.ID, key)
+	if st := e.sim.Stats(); st.Attempts != 1 || st.Creates != 1 {
+		t.Fatalf("ERP stats %+v: want the one create of the first delivery, no second POST", st)
+	}
+
+	c := newEnv(t, 4, erpsim.Config{})
+	d2, m2 := c.wonDeal(t)
+	fresh := delivery(t, m2)
+	fresh.Metadata.Set(queue.MetadataAttempt, "1")
+	if err := c.handler.Handle(fresh); err != nil {
+		t.Fatalf("control: a first delivery: %v", err)
+	}
+	c.assertInvoicedOnce(t, d2.ID, *d2.IdempotencyKey)
+	if st := c.sim.Stats(); st.Attempts != 1 || st.Creates != 1 {
+		t.Fatalf("control: ERP stats %+v, want one create", st)
+	}
 }
 
 // TestERPFailureNacksAndRecordsNothing: while every create fails, Handle
