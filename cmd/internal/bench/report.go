@@ -345,7 +345,7 @@ func (r *Result) Markdown() string {
 	w("\n![throughput and latency](chart.svg)\n\n")
 
 	w("## Ceiling: the close transaction alone\n\n")
-	w("`postgres.Store.CloseDeal` (deal row locked and updated, inventory rows locked in SKU order and allocated, events appended with their hash chain, projections, outbox message; then the deal read back), closed loop, no relay or handler running.\n\n")
+	w("`postgres.Store.CloseDeal` (deal row and inventory rows locked in SKU order, allocation checked, events appended with their hash chain, projections, outbox message, the deal's view read back, commit with the relays' wake-up: four round trips), closed loop, no relay or handler running.\n\n")
 	w("| clients | closes | tx/s | close p50 ms | p99 ms | CPU Postgres (cores) | CPU client (cores) | Postgres µs/tx |\n|---|---|---|---|---|---|---|---|\n")
 	for _, p := range r.Phases {
 		if p.Kind != KindCeiling {
