@@ -149,6 +149,15 @@ func warmPool(t *testing.T, pool *pgxpool.Pool, n int) {
 }
 
 // delivery is a fresh delivery of m, as a transport redelivers it.
+// crashingBeforeCommit returns a handler on e whose recording fails just
+// before its commit (after the ERP call), with the error it fails with.
+func (e *env) crashingBeforeCommit() (*saga.InvoiceHandler, error) {
+	errCrash := errors.New("crash before local commit")
+	return saga.NewInvoiceHandler(
+		postgres.NewStore(e.pool, postgres.WithBeforeCommit(func(context.Context, pgx.Tx) error { return errCrash })),
+		e.client, saga.Config{}, slog.New(slog.DiscardHandler)), errCrash
+}
+
 func delivery(t *testing.T, m *message.Message) *message.Message {
 	c := m.Copy()
 	c.SetContext(t.Context())
@@ -338,10 +347,7 @@ func TestERPCommittedLocalCommitLost(t *testing.T) {
 		e := newEnv(t, 4, erpsim.Config{})
 		d, m := e.wonDeal(t)
 		key := *d.IdempotencyKey
-		errCrash := errors.New("crash before local commit")
-		crashing := saga.NewInvoiceHandler(
-			postgres.NewStore(e.pool, postgres.WithBeforeCommit(func(context.Context, pgx.Tx) error { return errCrash })),
-			e.client, saga.Config{}, slog.New(slog.DiscardHandler))
+		crashing, errCrash := e.crashingBeforeCommit()
 		if err := crashing.Handle(delivery(t, m)); !errors.Is(err, errCrash) {
 			t.Fatalf("first attempt: %v, want the injected crash", err)
 		}
@@ -371,10 +377,7 @@ func TestRedeliveryLooksUpBeforeCreating(t *testing.T) {
 	e := newEnv(t, 4, erpsim.Config{})
 	d, m := e.wonDeal(t)
 	key := *d.IdempotencyKey
-	errCrash := errors.New("crash before local commit")
-	crashing := saga.NewInvoiceHandler(
-		postgres.NewStore(e.pool, postgres.WithBeforeCommit(func(context.Context, pgx.Tx) error { return errCrash })),
-		e.client, saga.Config{}, slog.New(slog.DiscardHandler))
+	crashing, errCrash := e.crashingBeforeCommit()
 	first := delivery(t, m)
 	first.Metadata.Set(queue.MetadataAttempt, "1")
 	if err := crashing.Handle(first); !errors.Is(err, errCrash) {
