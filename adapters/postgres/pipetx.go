@@ -223,41 +223,47 @@ type savepoint struct {
 
 var _ pgx.Tx = (*savepoint)(nil)
 
-func (s *savepoint) Begin(ctx context.Context) (pgx.Tx, error) {
+// usable is nil when a statement may be sent through the savepoint: it
+// and its transaction are open. (A savepoint used after its transaction
+// ended would otherwise run its statements outside any transaction.)
+func (s *savepoint) usable() error {
 	if s.done {
-		return nil, pgx.ErrTxClosed
+		return pgx.ErrTxClosed
+	}
+	return s.tx.usable()
+}
+
+func (s *savepoint) Begin(ctx context.Context) (pgx.Tx, error) {
+	if err := s.usable(); err != nil {
+		return nil, err
 	}
 	return s.tx.Begin(ctx)
 }
 
-func (s *savepoint) Commit(ctx context.Context) error {
-	if s.done {
-		return pgx.ErrTxClosed
-	}
-	s.done = true
-	_, err := s.tx.conn.Exec(ctx, "release savepoint "+s.name)
-	return err
-}
+func (s *savepoint) Commit(ctx context.Context) error { return s.end(ctx, "release savepoint ") }
 
-func (s *savepoint) Rollback(ctx context.Context) error {
-	if s.done {
-		return pgx.ErrTxClosed
+func (s *savepoint) Rollback(ctx context.Context) error { return s.end(ctx, "rollback to savepoint ") }
+
+// end releases or rolls back to the savepoint.
+func (s *savepoint) end(ctx context.Context, verb string) error {
+	if err := s.usable(); err != nil {
+		return err
 	}
 	s.done = true
-	_, err := s.tx.conn.Exec(ctx, "rollback to savepoint "+s.name)
+	_, err := s.tx.conn.Exec(ctx, verb+s.name)
 	return err
 }
 
 func (s *savepoint) CopyFrom(ctx context.Context, table pgx.Identifier, cols []string, src pgx.CopyFromSource) (int64, error) {
-	if s.done {
-		return 0, pgx.ErrTxClosed
+	if err := s.usable(); err != nil {
+		return 0, err
 	}
 	return s.tx.conn.CopyFrom(ctx, table, cols, src)
 }
 
 func (s *savepoint) SendBatch(ctx context.Context, b *pgx.Batch) pgx.BatchResults {
-	if s.done {
-		return &failedBatch{err: pgx.ErrTxClosed}
+	if err := s.usable(); err != nil {
+		return &failedBatch{err: err}
 	}
 	return s.tx.conn.SendBatch(ctx, b)
 }
@@ -265,29 +271,29 @@ func (s *savepoint) SendBatch(ctx context.Context, b *pgx.Batch) pgx.BatchResult
 func (s *savepoint) LargeObjects() pgx.LargeObjects { return pgx.LargeObjects{} }
 
 func (s *savepoint) Prepare(ctx context.Context, name, sql string) (*pgconn.StatementDescription, error) {
-	if s.done {
-		return nil, pgx.ErrTxClosed
+	if err := s.usable(); err != nil {
+		return nil, err
 	}
 	return s.tx.conn.Conn().Prepare(ctx, name, sql)
 }
 
 func (s *savepoint) Exec(ctx context.Context, sql string, args ...any) (pgconn.CommandTag, error) {
-	if s.done {
-		return pgconn.CommandTag{}, pgx.ErrTxClosed
+	if err := s.usable(); err != nil {
+		return pgconn.CommandTag{}, err
 	}
 	return s.tx.conn.Exec(ctx, sql, args...)
 }
 
 func (s *savepoint) Query(ctx context.Context, sql string, args ...any) (pgx.Rows, error) {
-	if s.done {
-		return nil, pgx.ErrTxClosed
+	if err := s.usable(); err != nil {
+		return nil, err
 	}
 	return s.tx.conn.Query(ctx, sql, args...)
 }
 
 func (s *savepoint) QueryRow(ctx context.Context, sql string, args ...any) pgx.Row {
-	if s.done {
-		return errRow{pgx.ErrTxClosed}
+	if err := s.usable(); err != nil {
+		return errRow{err}
 	}
 	return s.tx.conn.QueryRow(ctx, sql, args...)
 }

@@ -45,3 +45,51 @@ func TestUnitFirstBatchFailingBeforeItRunsRunsNothingOutsideATransaction(t *test
 		t.Errorf("%d row(s) written by a unit whose transaction never began", n)
 	}
 }
+
+// TestSavepointAfterItsTransactionEndedRunsNothing: a savepoint kept past
+// the end of its unit refuses statements instead of running them in
+// autocommit on the (released) connection; inside the unit, a savepoint
+// rolled back undoes only its own write.
+func TestSavepointAfterItsTransactionEndedRunsNothing(t *testing.T) {
+	ctx := t.Context()
+	pool := pgtest.NewPool(t)
+	if _, err := pool.Exec(ctx, `CREATE TABLE sp_after (v int)`); err != nil {
+		t.Fatal(err)
+	}
+	s := NewStore(pool)
+	var kept pgx.Tx
+	err := s.unit(ctx, func(tx pgx.Tx) error {
+		if _, err := tx.Exec(ctx, `INSERT INTO sp_after VALUES (1)`); err != nil {
+			return err
+		}
+		sp, err := tx.Begin(ctx)
+		if err != nil {
+			return err
+		}
+		if _, err := sp.Exec(ctx, `INSERT INTO sp_after VALUES (2)`); err != nil {
+			return err
+		}
+		if err := sp.Rollback(ctx); err != nil {
+			return err
+		}
+		kept, err = tx.Begin(ctx)
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := kept.Exec(ctx, `INSERT INTO sp_after VALUES (3)`); !errors.Is(err, pgx.ErrTxClosed) {
+		t.Errorf("a statement through a savepoint of a committed unit: %v, want pgx.ErrTxClosed", err)
+	}
+	rows, err := pool.Query(ctx, `SELECT v FROM sp_after ORDER BY v`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := pgx.CollectRows(rows, pgx.RowTo[int32])
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != 1 || got[0] != 1 {
+		t.Errorf("rows %v, want [1]: the rolled-back savepoint's write gone, nothing written after the commit", got)
+	}
+}
