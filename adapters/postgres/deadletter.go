@@ -54,6 +54,15 @@ func (p *DeadLetterPublisher) Publish(_ string, msgs ...*message.Message) error 
 func (p *DeadLetterPublisher) publish(m *message.Message) error {
 	ctx := m.Context()
 	if wtx, ok := wsql.TxFromContext(ctx); ok {
+		if f, ok := wtx.(flusher); ok {
+			// A transaction that holds writes (queue.DeferringTx): they go
+			// first, as they were made first.
+			ptx, err := f.Flush(ctx)
+			if err != nil {
+				return err
+			}
+			return p.deadLetterTx(ctx, ptx, m)
+		}
 		if ptx, ok := pgxTx(wtx); ok {
 			return p.deadLetterTx(ctx, ptx, m)
 		}
@@ -103,6 +112,12 @@ func identify(m *message.Message) (dealID, key string) {
 		dealID = probe.DealID
 	}
 	return dealID, key
+}
+
+// flusher is a watermill-sql transaction that holds writes back
+// (queue.DeferringTx): Flush sends them and returns its pgx transaction.
+type flusher interface {
+	Flush(ctx context.Context) (pgx.Tx, error)
 }
 
 func pgxTx(t wsql.Tx) (pgx.Tx, bool) {

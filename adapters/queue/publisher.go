@@ -53,7 +53,9 @@ func NewPublisher(pool *pgxpool.Pool, cfg PublisherConfig, logger *slog.Logger) 
 //     one (wsql.TxFromContext, as in a watermill-sql subscription) or a pgx
 //     one placed by [ContextWithTx], is inserted inside that transaction: it
 //     is enqueued exactly when that transaction commits, and the wake-up
-//     NOTIFY is delivered at that commit.
+//     NOTIFY is delivered at that commit. In a transaction of a
+//     [DeferringBeginner] the insert is held and sent with the
+//     transaction's next statement; its error is reported there.
 //   - Other messages are inserted, together with their NOTIFY, in one
 //     transaction per run of consecutive messages: when Publish returns nil
 //     they are durably enqueued; on error, messages of earlier runs may be.
@@ -109,6 +111,8 @@ func sameExecutor(a, b executor) bool {
 func executorFor(ctx context.Context, pool *pgxpool.Pool) executor {
 	if tx, ok := wsql.TxFromContext(ctx); ok {
 		switch t := tx.(type) {
+		case *DeferringTx:
+			return t
 		case *wsql.PgxTx:
 			return t.Tx
 		case wsql.PgxTx:
@@ -164,6 +168,8 @@ func (p *Publisher) publish(ctx context.Context, ex executor, topic string, msgs
 
 	var err error
 	switch ex := ex.(type) {
+	case *DeferringTx:
+		ex.hold(topic, keys, rows) // sent by its next statement or its commit
 	case interface {
 		SendBatch(context.Context, *pgx.Batch) pgx.BatchResults
 	}:
@@ -185,12 +191,7 @@ func publishBatch(ctx context.Context, ex interface {
 	SendBatch(context.Context, *pgx.Batch) pgx.BatchResults
 }, topic string, keys []string, rows []row) (err error) {
 	b := &pgx.Batch{}
-	for _, k := range keys {
-		b.Queue(lockSQL, advisoryLockClass, topic, k)
-	}
-	for _, r := range rows {
-		b.Queue(insertSQL, topic, r.uuid, r.payload, r.metadata, r.key)
-	}
+	queueInserts(b, topic, keys, rows)
 	b.Queue(notifySQL, topic)
 	res := ex.SendBatch(ctx, b)
 	defer func() { err = errors.Join(err, res.Close()) }()
@@ -200,6 +201,17 @@ func publishBatch(ctx context.Context, ex interface {
 		}
 	}
 	return nil
+}
+
+// queueInserts queues the inserts of one publish in b: the advisory locks
+// of its ordering keys (sorted), then its rows in order.
+func queueInserts(b *pgx.Batch, topic string, keys []string, rows []row) {
+	for _, k := range keys {
+		b.Queue(lockSQL, advisoryLockClass, topic, k)
+	}
+	for _, r := range rows {
+		b.Queue(insertSQL, topic, r.uuid, r.payload, r.metadata, r.key)
+	}
 }
 
 // publishExec runs the statements one by one in a watermill-sql transaction
