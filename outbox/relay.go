@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"strconv"
 	"sync"
 	"time"
 
@@ -14,7 +13,6 @@ import (
 	wsql "github.com/ThreeDotsLabs/watermill-sql/v4/pkg/sql"
 	"github.com/ThreeDotsLabs/watermill/components/forwarder"
 	"github.com/ThreeDotsLabs/watermill/message"
-	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/dealbridge/dealbridge/adapters/pgnotify"
@@ -104,45 +102,34 @@ func NewRelay(pool *pgxpool.Pool, target message.Publisher, cfg RelayConfig, log
 	}, nil
 }
 
-// relaySchema is watermill-sql's DefaultPostgreSQLSchema with a select
-// that names the rows after the relay's cursor as one range of the outbox's
-// primary key, (transaction_id, "offset") > cursor, where the library
-// spells it as an OR of two ranges. The rows it returns are the same (the
-// same cursor, locked FOR UPDATE the same way, the same snapshot-xmin
-// bound, order and limit), but the plan is not at the planner's mercy:
+// relaySchema is watermill-sql's DefaultPostgreSQLSchema whose select is
+// the database function outbox_relay_batch (migrations/00015): the same
+// rows (the cursor locked FOR UPDATE, the rows after it up to the
+// snapshot's xmin, in order, at most a batch), read as one range of the
+// primary key with a plan that stale statistics cannot turn into a
+// sequential scan.
 //
-//   - the primary key index hands the rows over in order from the cursor,
-//     so the scan stops after the batch; the OR form reads and sorts every
-//     row after the cursor (0.8 ms for a batch of 10 out of 1,500 rows of
-//     one transaction, against 0.1 ms);
-//   - pgx prepares the select once per connection, and Postgres may keep a
-//     generic plan costed on the table's size when it was built. A relay
-//     that starts on an empty outbox (a new deployment, every database of
-//     the benchmark) kept a sequential scan of the outbox, which holds every
-//     relayed row, until autovacuum analyzed it: `dealbridge bench`
-//     measured 1.9 ms a poll by the end of a 10 s phase, a tenth of a core.
-//
-// TestRelayDoesNotScanTheOutboxWithAPlanFromWhenItWasEmpty checks the
-// second point; the relay tests check the semantics.
+// The library's select, prepared once per connection, got a generic plan
+// costed on the outbox's size when the plan was made: a relay that starts
+// on an empty outbox (a new deployment, every database of the benchmark)
+// kept a sequential scan of the outbox, which keeps every relayed row,
+// until autovacuum analyzed it (1.9 ms a poll by the end of a 10 s bench
+// phase, a tenth of a core). Planning it on every execution instead costs
+// 0.35 ms a poll (BenchmarkRelay). TestRelayDoesNotScanTheOutboxWithAPlanFromWhenItWasEmpty
+// checks the plan; the relay tests check the rows.
 type relaySchema struct{ wsql.DefaultPostgreSQLSchema }
 
 func (s relaySchema) SelectQuery(params wsql.SelectQueryParams) (wsql.Query, error) {
-	next, err := params.OffsetsAdapter.NextOffsetQuery(wsql.NextOffsetQueryParams{
-		Topic: params.Topic, ConsumerGroup: params.ConsumerGroup,
-	})
-	if err != nil {
-		return wsql.Query{}, err
+	if params.Topic != Topic {
+		return wsql.Query{}, fmt.Errorf("the relay reads topic %q only, not %q", Topic, params.Topic)
 	}
-	q := `WITH last_processed AS (` + next.Query + `)
-		SELECT "offset", transaction_id, uuid, payload, metadata FROM ` + s.MessagesTable(params.Topic) + `
-		WHERE (transaction_id, "offset") > ((SELECT last_processed_transaction_id FROM last_processed),
-		                                    (SELECT offset_acked FROM last_processed))
-		  AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())
-		ORDER BY transaction_id, "offset"
-		LIMIT ` + strconv.Itoa(cmp.Or(s.SubscribeBatchSize, 100))
-	// Planned on every execution, with the table's current size (an
-	// unnamed prepared statement; the describe is cached).
-	return wsql.Query{Query: q, Args: append([]any{pgx.QueryExecModeCacheDescribe}, next.Args...)}, nil
+	if _, ok := params.OffsetsAdapter.(wsql.DefaultPostgreSQLOffsetsAdapter); !ok {
+		return wsql.Query{}, fmt.Errorf("the relay's select needs watermill-sql's default offsets table, not %T", params.OffsetsAdapter)
+	}
+	return wsql.Query{
+		Query: `SELECT "offset", transaction_id, uuid, payload, metadata FROM outbox_relay_batch($1, $2)`,
+		Args:  []any{params.ConsumerGroup, cmp.Or(s.SubscribeBatchSize, 100)},
+	}, nil
 }
 
 // Run relays until ctx is done or Close is called. A dedicated connection

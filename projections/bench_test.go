@@ -9,7 +9,6 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -40,7 +39,7 @@ func BenchmarkReplay(b *testing.B) {
 		best   projections.Report
 		events int64
 	)
-	pgCPU0, goCPU0 := postgresCPU(b, pool), goCPU()
+	pgCPU0, goCPU0 := postgresCPU(b, pool), pgtest.ProcessCPU()
 	b.ResetTimer()
 	for b.Loop() {
 		r := replay(b, pool, projections.Options{})
@@ -51,7 +50,7 @@ func BenchmarkReplay(b *testing.B) {
 	}
 	b.StopTimer()
 	time.Sleep(200 * time.Millisecond) // let the replay's backends exit and be reaped
-	pgCPU, goCPU := postgresCPU(b, pool)-pgCPU0, goCPU()-goCPU0
+	pgCPU, goCPU := postgresCPU(b, pool)-pgCPU0, pgtest.ProcessCPU()-goCPU0
 	if best.Events != n {
 		b.Fatalf("replayed %d events, generated %d", best.Events, n)
 	}
@@ -188,15 +187,6 @@ func generateLog(tb testing.TB, pool *pgxpool.Pool, target int) int64 {
 		tb.Fatal(err)
 	}
 	return n
-}
-
-// goCPU is the CPU time this process has used.
-func goCPU() time.Duration {
-	var ru syscall.Rusage
-	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
-		return 0
-	}
-	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
 
 // postgresCPU is the CPU time used by the exited backends of the server

@@ -1,13 +1,8 @@
 package postgres_test
 
 import (
-	"bytes"
 	"encoding/json"
 	"fmt"
-	"os"
-	"strconv"
-	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -77,15 +72,15 @@ func BenchmarkBulkReinject(b *testing.B) {
 		if err != nil || total != deals*perDeal {
 			b.Fatalf("start: %d entries, %v", total, err)
 		}
-		pids := backendPIDs(b, pool)
-		pg0, go0 := backendsCPU(pids), processCPU()
+		pids := pgtest.BackendPIDs(b, pool)
+		pg0, go0 := pgtest.BackendsCPU(pids), pgtest.ProcessCPU()
 		b.StartTimer()
 		start := time.Now()
 		p, err := f.store.RunBulkReinject(ctx, op, 0, 0, nil)
 		elapsed := time.Since(start)
 		b.StopTimer()
-		pgCPU += backendsCPU(pids) - pg0
-		goCPU += processCPU() - go0
+		pgCPU += pgtest.BackendsCPU(pids) - pg0
+		goCPU += pgtest.ProcessCPU() - go0
 		if err != nil || p.Done != total {
 			b.Fatalf("run: %+v, %v", p, err)
 		}
@@ -117,53 +112,4 @@ func newBenchPool(b *testing.B, maxConns int32) *pgxpool.Pool {
 	}
 	b.Cleanup(pool.Close)
 	return pool
-}
-
-// backendPIDs opens every connection of the pool and returns the server
-// processes serving them (nil when the server is not on this machine).
-func backendPIDs(b *testing.B, pool *pgxpool.Pool) []int {
-	var conns []*pgxpool.Conn
-	defer func() {
-		for _, c := range conns {
-			c.Release()
-		}
-	}()
-	var pids []int
-	for range pool.Config().MaxConns {
-		c, err := pool.Acquire(b.Context())
-		if err != nil {
-			b.Fatal(err)
-		}
-		conns = append(conns, c)
-		pids = append(pids, int(c.Conn().PgConn().PID()))
-	}
-	return pids
-}
-
-// backendsCPU is the CPU time the processes pids have used (0 for those
-// this machine does not show).
-func backendsCPU(pids []int) time.Duration {
-	var total time.Duration
-	for _, pid := range pids {
-		stat, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
-		if err != nil {
-			continue
-		}
-		f := strings.Fields(string(stat[bytes.LastIndexByte(stat, ')')+2:]))
-		// utime and stime are the 14th and 15th fields of the line, f[11]
-		// and f[12] after the command.
-		u, _ := strconv.ParseInt(f[11], 10, 64)
-		s, _ := strconv.ParseInt(f[12], 10, 64)
-		total += time.Duration(u+s) * time.Second / 100 // clock ticks (USER_HZ = 100)
-	}
-	return total
-}
-
-// processCPU is the CPU time this process has used.
-func processCPU() time.Duration {
-	var ru syscall.Rusage
-	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
-		return 0
-	}
-	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }

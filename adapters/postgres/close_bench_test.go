@@ -9,6 +9,7 @@ import (
 	"golang.org/x/sync/errgroup"
 
 	"github.com/dealbridge/dealbridge/adapters/postgres"
+	"github.com/dealbridge/dealbridge/adapters/postgres/pgtest"
 	"github.com/dealbridge/dealbridge/domain"
 )
 
@@ -28,7 +29,7 @@ func BenchmarkCloseDeal(b *testing.B) {
 			b.Fatal(err)
 		}
 	}
-	pids := backendPIDs(b, pool)
+	pids := pgtest.BackendPIDs(b, pool)
 	var (
 		best         time.Duration
 		pgCPU, goCPU time.Duration
@@ -45,7 +46,7 @@ func BenchmarkCloseDeal(b *testing.B) {
 			}
 			ids[d] = v.ID
 		}
-		pg0, go0 := backendsCPU(pids), processCPU()
+		pg0, go0 := pgtest.BackendsCPU(pids), pgtest.ProcessCPU()
 		b.StartTimer()
 		start := time.Now()
 		var next atomic.Int64
@@ -68,8 +69,8 @@ func BenchmarkCloseDeal(b *testing.B) {
 		}
 		took := time.Since(start)
 		b.StopTimer()
-		pgCPU += backendsCPU(pids) - pg0
-		goCPU += processCPU() - go0
+		pgCPU += pgtest.BackendsCPU(pids) - pg0
+		goCPU += pgtest.ProcessCPU() - go0
 		closed += deals
 		if best == 0 || took < best {
 			best = took
