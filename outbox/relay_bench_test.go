@@ -121,4 +121,3 @@ func benchmarkRelay(b *testing.B, batch int, held bool) {
 	b.ReportMetric(float64(pgCPU.Microseconds())/float64(relayed), "pg-cpu-µs/msg")
 	b.ReportMetric(0, "ns/op")
 }
-
