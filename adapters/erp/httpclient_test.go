@@ -4,12 +4,14 @@ import (
 	"bufio"
 	"context"
 	"errors"
+	"fmt"
 	"net"
 	"net/http"
 	"net/http/httptest"
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -503,4 +505,46 @@ func TestFindInvoiceByKey(t *testing.T) {
 			t.Fatalf("request %s", q)
 		}
 	})
+}
+
+// TestClientReusesAConnectionPerConcurrentCaller: 16 callers making 50
+// calls each keep reusing their keep-alive connections: the ERP accepts
+// about 16 (with net/http's default of 2 idle connections per host it
+// accepted 21 to 75 in five runs).
+func TestClientReusesAConnectionPerConcurrentCaller(t *testing.T) {
+	sim, err := erpsim.New(erpsim.Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var accepted atomic.Int64
+	slow := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		time.Sleep(2 * time.Millisecond) // every caller in flight at once
+		sim.Handler().ServeHTTP(w, r)
+	})
+	ts := httptest.NewUnstartedServer(slow)
+	ts.Config.ConnState = func(_ net.Conn, s http.ConnState) {
+		if s == http.StateNew {
+			accepted.Add(1)
+		}
+	}
+	ts.Start()
+	t.Cleanup(func() { _ = sim.Close(); ts.Close() })
+
+	const callers, calls = 16, 50
+	c := erp.NewHTTPClient(erp.HTTPConfig{BaseURL: ts.URL, Timeout: 5 * time.Second, IdleConns: callers})
+	var wg sync.WaitGroup
+	for g := range callers {
+		wg.Go(func() {
+			for i := range calls {
+				if _, err := c.CreateInvoice(t.Context(), request(fmt.Sprintf("K-conn-%d-%d", g, i))); err != nil {
+					t.Error(err)
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	if n := accepted.Load(); n > callers+4 { // +4: net/http may dial while a connection is on its way back
+		t.Fatalf("%d connections for %d concurrent callers (%d calls)", n, callers, callers*calls)
+	}
 }

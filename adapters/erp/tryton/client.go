@@ -173,6 +173,9 @@ func New(cfg Config) *Client {
 	if c.http == nil {
 		tr := http.DefaultTransport.(*http.Transport).Clone()
 		tr.DialContext = (&net.Dialer{Timeout: cfg.ConnectTimeout, KeepAlive: 30 * time.Second}).DialContext
+		// Keep a connection per concurrent caller (net/http keeps 2 idle
+		// per host and dials anew past them; see erp.HTTPConfig.IdleConns).
+		tr.MaxIdleConnsPerHost = 64
 		c.http = &http.Client{Transport: tr}
 	}
 	c.cfgErr = cfg.validate()
