@@ -45,7 +45,9 @@ const relayBacklogSQL = `SELECT count(*), COALESCE(EXTRACT(EPOCH FROM LOCALTIMES
 func MeasureBacklog(ctx context.Context, db Querier) (Backlog, error) {
 	var b Backlog
 	var age float64
-	if err := db.QueryRow(ctx, relayBacklogSQL, ConsumerGroup).Scan(&b.Messages, &age); err != nil {
+	// Planned on every call (scrapes are rare): a plan cached on a
+	// connection while the outbox was empty would scan all of it.
+	if err := db.QueryRow(ctx, relayBacklogSQL, pgx.QueryExecModeExec, ConsumerGroup).Scan(&b.Messages, &age); err != nil {
 		return Backlog{}, fmt.Errorf("cannot measure the relay backlog: %w", err)
 	}
 	// A row inserted after this statement's LOCALTIMESTAMP in another
