@@ -12,6 +12,7 @@ import (
 	"github.com/ThreeDotsLabs/watermill/message/router/middleware"
 	"github.com/jackc/pgx/v5"
 
+	"github.com/dealbridge/dealbridge/adapters/queue"
 	"github.com/dealbridge/dealbridge/domain"
 	"github.com/dealbridge/dealbridge/outbox"
 )
@@ -54,16 +55,12 @@ func (p *DeadLetterPublisher) Publish(_ string, msgs ...*message.Message) error 
 func (p *DeadLetterPublisher) publish(m *message.Message) error {
 	ctx := m.Context()
 	if wtx, ok := wsql.TxFromContext(ctx); ok {
-		if f, ok := wtx.(flusher); ok {
-			// A transaction that holds writes (queue.DeferringTx): they go
-			// first, as they were made first.
-			ptx, err := f.Flush(ctx)
-			if err != nil {
-				return err
-			}
-			return p.deadLetterTx(ctx, ptx, m)
+		// Writes a queue.DeferringTx holds go first, as they were made first.
+		ptx, ok, err := queue.PgxTxOf(ctx, wtx)
+		if err != nil {
+			return err
 		}
-		if ptx, ok := pgxTx(wtx); ok {
+		if ok {
 			return p.deadLetterTx(ctx, ptx, m)
 		}
 	}
@@ -112,22 +109,6 @@ func identify(m *message.Message) (dealID, key string) {
 		dealID = probe.DealID
 	}
 	return dealID, key
-}
-
-// flusher is a watermill-sql transaction that holds writes back
-// (queue.DeferringTx): Flush sends them and returns its pgx transaction.
-type flusher interface {
-	Flush(ctx context.Context) (pgx.Tx, error)
-}
-
-func pgxTx(t wsql.Tx) (pgx.Tx, bool) {
-	switch v := t.(type) {
-	case *wsql.PgxTx:
-		return v.Tx, true
-	case wsql.PgxTx:
-		return v.Tx, true
-	}
-	return nil, false
 }
 
 // Close does nothing.

@@ -44,6 +44,20 @@ func (b deferringBeginner) BeginTx(ctx context.Context, opts *stdsql.TxOptions) 
 	return &DeferringTx{Tx: tx, pgx: ptx, ctx: ctx}, nil
 }
 
+// PgxTxOf returns the pgx transaction behind a watermill-sql one, for code
+// that writes through pgx in a watermill-sql subscription's transaction.
+// For a [DeferringTx] it first sends the inserts it holds, so that what
+// the caller writes comes after them. ok is false for a transaction not
+// backed by pgx.
+func PgxTxOf(ctx context.Context, tx wsql.Tx) (_ pgx.Tx, ok bool, _ error) {
+	if d, isDeferring := tx.(*DeferringTx); isDeferring {
+		ptx, err := d.Flush(ctx)
+		return ptx, err == nil, err
+	}
+	ptx, ok := pgxOf(tx)
+	return ptx, ok, nil
+}
+
 // pgxOf is the pgx transaction behind a watermill-sql one.
 func pgxOf(tx wsql.Tx) (pgx.Tx, bool) {
 	switch t := tx.(type) {

@@ -110,16 +110,13 @@ func sameExecutor(a, b executor) bool {
 // is comparable, so consecutive messages of one transaction can be batched.
 func executorFor(ctx context.Context, pool *pgxpool.Pool) executor {
 	if tx, ok := wsql.TxFromContext(ctx); ok {
-		switch t := tx.(type) {
-		case *DeferringTx:
-			return t
-		case *wsql.PgxTx:
-			return t.Tx
-		case wsql.PgxTx:
-			return t.Tx
-		default:
-			return tx
+		if d, ok := tx.(*DeferringTx); ok {
+			return d
 		}
+		if ptx, ok := pgxOf(tx); ok {
+			return ptx
+		}
+		return tx
 	}
 	if tx, ok := txFromContext(ctx); ok {
 		return tx
