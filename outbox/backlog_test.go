@@ -101,11 +101,13 @@ func TestMeasureBacklogCountsTheRowsAfterTheCursor(t *testing.T) {
 	rec := newRecorder()
 	stop := startRelay(t, pool, rec, outbox.RelayConfig{PollInterval: 10 * time.Millisecond})
 	waitFor(t, waitDeadline, "the relay to deliver everything", func() bool { return len(rec.missing(late)) == 0 })
-	stop()
+	// The batch commits after its last delivery: wait for it before the
+	// relay stops (stopping rolls an uncommitted batch back).
 	waitFor(t, waitDeadline, "an empty backlog", func() bool {
 		b, err = outbox.MeasureBacklog(context.Background(), pool)
 		return err == nil && b.Messages == 0
 	})
+	stop()
 	if b.OldestAge != 0 {
 		t.Fatalf("after the relay: %+v", b)
 	}

@@ -9,7 +9,8 @@
 //
 //	after_erp_2xx_before_commit            saga: the ERP answered with an invoice, nothing recorded yet
 //	after_commit_before_ack                saga: invoice recorded, work-queue message not acked yet
-//	relay_after_publish_before_offset_ack  relay: batch published into the work queue, offset not committed
+//	relay_after_publish_before_offset_ack  relay: a message published into the work queue (its insert held
+//	                                       in the relay's open transaction), the offset not committed
 //
 // Before it kills the process, Hit writes one line "crashpoint NAME hit N:
 // SIGKILL" to stderr, so that a harness can count the crashes it caused.

@@ -2,6 +2,7 @@ package queue_test
 
 import (
 	"context"
+	"errors"
 	"slices"
 	"testing"
 	"time"
@@ -150,4 +151,94 @@ func TestDeferringTransactionEnqueuesABatchAtItsOffsetUpdate(t *testing.T) {
 		t.Fatalf("enqueued %q, want %q", got, payloads)
 	}
 	expectNone(t, relayed, 300*time.Millisecond) // the offset moved with the inserts
+}
+
+// TestDeferringTransactionWithAFailedFlushCommitsNothing: a flush that
+// fails before anything reached the server (its context is done: a
+// handler past its deadline) fails the transaction for good: the offset
+// update after it does not commit, and the batch comes again.
+func TestDeferringTransactionWithAFailedFlushCommitsNothing(t *testing.T) {
+	dbURL := newDatabase(t)
+	pool := newPool(t, dbURL, "wq-deferring-fail", 4)
+	payloads := []string{`"one"`, `"two"`}
+	wq := newPublisher(t, pool)
+	relayed := relayOutbox(t, dbURL, newMsg(payloads[0]), newMsg(payloads[1]))
+
+	m := receive(t, relayed, 5*time.Second)
+	if err := forward(t, wq, m, "deal-a"); err != nil {
+		t.Fatal(err)
+	}
+	m = receive(t, relayed, 5*time.Second)
+	tx, _ := wsql.TxFromContext(m.Context())
+	done, cancel := context.WithCancel(context.Background())
+	cancel()
+	if _, _, err := queue.PgxTxOf(done, tx); err == nil {
+		t.Fatal("a flush with a done context succeeded")
+	}
+	if err := forward(t, wq, m, "deal-b"); err == nil {
+		t.Fatal("a publish into a transaction whose flush failed was accepted")
+	}
+	// The offset update fails: the batch comes again, from its start.
+	m = receive(t, relayed, 5*time.Second)
+	if string(m.Payload) != payloads[0] {
+		t.Fatalf("after the failed flush the relay resumed at %s, want %s: the offset moved without the held insert", m.Payload, payloads[0])
+	}
+	var n int
+	if err := pool.QueryRow(t.Context(), `SELECT count(*) FROM work_queue`).Scan(&n); err != nil {
+		t.Fatal(err)
+	}
+	if n != 0 {
+		t.Fatalf("%d rows enqueued by a transaction whose flush failed", n)
+	}
+	if err := forward(t, wq, m, "deal-a"); err != nil {
+		t.Fatal(err)
+	}
+	if err := forward(t, wq, receive(t, relayed, 5*time.Second), "deal-b"); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 5*time.Second, "both enqueued", func() bool {
+		err := pool.QueryRow(t.Context(), `SELECT count(*) FROM work_queue`).Scan(&n)
+		return err == nil && n == 2
+	})
+	expectNone(t, relayed, 300*time.Millisecond)
+}
+
+// TestUndoHeldOnErrorDropsTheInsertOfANackedMessage: watermill-sql
+// redelivers a nacked message in the same transaction; the insert its
+// first handling held is dropped, so it is enqueued once.
+func TestUndoHeldOnErrorDropsTheInsertOfANackedMessage(t *testing.T) {
+	dbURL := newDatabase(t)
+	pool := newPool(t, dbURL, "wq-deferring-undo", 4)
+	wq := newPublisher(t, pool)
+	relayed := relayOutbox(t, dbURL, newMsg(`"once"`))
+	calls := 0
+	h := queue.UndoHeldOnError(func(m *message.Message) ([]*message.Message, error) {
+		calls++
+		w := message.NewMessage(m.UUID, m.Payload)
+		w.SetContext(m.Context())
+		if err := wq.Publish("saga", w); err != nil {
+			return nil, err
+		}
+		if calls == 1 {
+			return nil, errors.New("a later step failed") // after the insert was held
+		}
+		return nil, nil
+	})
+	for calls < 2 {
+		m := receive(t, relayed, 5*time.Second)
+		if _, err := h(m); err != nil {
+			m.Nack()
+			continue
+		}
+		m.Ack()
+	}
+	var n int
+	eventually(t, 5*time.Second, "the message enqueued", func() bool {
+		err := pool.QueryRow(t.Context(), `SELECT count(*) FROM work_queue`).Scan(&n)
+		return err == nil && n > 0
+	})
+	expectNone(t, relayed, 300*time.Millisecond)
+	if err := pool.QueryRow(t.Context(), `SELECT count(*) FROM work_queue`).Scan(&n); err != nil || n != 1 {
+		t.Fatalf("%d rows (%v) for one message nacked once, want 1", n, err)
+	}
 }

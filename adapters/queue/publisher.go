@@ -166,7 +166,7 @@ func (p *Publisher) publish(ctx context.Context, ex executor, topic string, msgs
 	var err error
 	switch ex := ex.(type) {
 	case *DeferringTx:
-		ex.hold(topic, keys, rows) // sent by its next statement or its commit
+		err = ex.hold(ctx, topic, keys, rows) // sent by its next statement or its commit
 	case interface {
 		SendBatch(context.Context, *pgx.Batch) pgx.BatchResults
 	}:

@@ -167,7 +167,8 @@ func RunRelay(ctx context.Context, pool *pgxpool.Pool, cfg RelayConfig, logger *
 		return fmt.Errorf("cannot create poison queue: %w", err)
 	}
 	r, err := outbox.NewRelay(pool, pub, outbox.RelayConfig{
-		PollInterval: cfg.PollInterval, BatchSize: cfg.BatchSize, Middlewares: []message.HandlerMiddleware{poison, crashpoint.Middleware(crashpoint.RelayAfterPublishBeforeOffsetAck)},
+		PollInterval: cfg.PollInterval, BatchSize: cfg.BatchSize, Middlewares: []message.HandlerMiddleware{
+			queue.UndoHeldOnError, poison, crashpoint.Middleware(crashpoint.RelayAfterPublishBeforeOffsetAck)},
 		// A batch's queue inserts in one round trip, with its offset update.
 		Beginner: queue.DeferringBeginner,
 	}, logger)

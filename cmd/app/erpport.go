@@ -50,7 +50,11 @@ func ERPPort(cfg HandlerConfig, logger *slog.Logger) (port erp.Port, closePort f
 		if cfg.ERPURL == "" {
 			return nil, nil, errors.New("no ERP URL: set --erp-url or DEALBRIDGE_ERP_URL")
 		}
-		c := erp.NewHTTPClient(erp.HTTPConfig{BaseURL: cfg.ERPURL, Timeout: cfg.ERPTimeout, IdleConns: cfg.Consumers + 1, Logger: logger}) // +1: the reconciler's lookups
+		idle := 0 // the client's default
+		if cfg.Consumers > 0 {
+			idle = cfg.Consumers + 1 // +1: the reconciler's lookups
+		}
+		c := erp.NewHTTPClient(erp.HTTPConfig{BaseURL: cfg.ERPURL, Timeout: cfg.ERPTimeout, IdleConns: idle, Logger: logger})
 		b, err := breaker(c)
 		if err != nil {
 			return nil, nil, err
