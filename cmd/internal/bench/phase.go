@@ -38,6 +38,7 @@ type phase struct {
 	kind     string
 	group    string
 	clients  int     // ceiling: concurrent clients
+	run      int     // ceiling: 2 for the run after the maximum-rate pair
 	rate     float64 // end to end: offered deals/s; 0 is maximum rate
 	handlers int     // dealbridge: handler processes
 	batch    int     // dealbridge: relay batch size
@@ -47,6 +48,9 @@ type phase struct {
 func (p phase) name() string {
 	switch p.kind {
 	case KindCeiling:
+		if p.run > 1 {
+			return fmt.Sprintf("ceiling, %d clients, run %d", p.clients, p.run)
+		}
 		return fmt.Sprintf("ceiling, %d clients", p.clients)
 	case KindDealbridge:
 		return fmt.Sprintf("dealbridge %s, %d handler(s), batch %d", p.rateName(), p.handlers, p.batch)
@@ -69,6 +73,9 @@ func (p phase) tag() string {
 	}
 	switch p.kind {
 	case KindCeiling:
+		if p.run > 1 {
+			return fmt.Sprintf("ceiling_c%d_r%d", p.clients, p.run)
+		}
 		return fmt.Sprintf("ceiling_c%d", p.clients)
 	case KindDealbridge:
 		return fmt.Sprintf("db_%s_h%d_b%d", r, p.handlers, p.batch)
@@ -77,9 +84,11 @@ func (p phase) tag() string {
 }
 
 // plan interleaves the phases so that machine noise hits every contender
-// alike: the ceiling, then dealbridge and River alternately at maximum rate
-// and at each fixed rate (ABBA order), then dealbridge's scaling and River
-// with its other worker counts.
+// alike: the ceiling, dealbridge and River at maximum rate, the ceiling
+// again (the maximum-rate pair is bracketed by two ceiling runs, whose mean
+// the ratio target uses), the other ceilings, then dealbridge and River
+// alternately at each fixed rate (ABBA order), then dealbridge's scaling
+// and River with its other worker counts.
 func plan(cfg Config) []phase {
 	h0, b0 := cfg.Handlers[0], cfg.BatchSizes[0]
 	db := func(rate float64, h, b int, g string) phase {
@@ -92,6 +101,7 @@ func plan(cfg Config) []phase {
 	cs := cfg.CeilingClients
 	ps = append(ps, phase{kind: KindCeiling, group: GroupMain, clients: cs[0]})
 	ps = append(ps, db(0, h0, b0, GroupMain), rv(0))
+	ps = append(ps, phase{kind: KindCeiling, group: GroupMain, clients: cs[0], run: 2})
 	for _, c := range cs[1:] {
 		ps = append(ps, phase{kind: KindCeiling, group: GroupMain, clients: c})
 	}
@@ -120,7 +130,8 @@ type PhaseResult struct {
 	Kind      string  `json:"kind"`
 	Group     string  `json:"group"`
 	Clients   int     `json:"clients,omitempty"`
-	Rate      float64 `json:"offered_rate"` // deals/s; 0: maximum rate
+	Run       int     `json:"run,omitempty"` // ceiling: 2 for the run after the maximum-rate pair
+	Rate      float64 `json:"offered_rate"`  // deals/s; 0: maximum rate
 	Handlers  int     `json:"handlers,omitempty"`
 	BatchSize int     `json:"relay_batch_size,omitempty"`
 	Workers   int     `json:"river_max_workers,omitempty"`
@@ -290,7 +301,7 @@ func (h *harness) runCeiling(ctx context.Context, p phase, db string) (*PhaseRes
 }
 
 func newResult(p phase, out loadOut) *PhaseResult {
-	r := &PhaseResult{Name: p.name(), Kind: p.kind, Group: p.group, Clients: p.clients, Rate: p.rate, Handlers: p.handlers,
+	r := &PhaseResult{Name: p.name(), Kind: p.kind, Group: p.group, Clients: p.clients, Run: p.run, Rate: p.rate, Handlers: p.handlers,
 		BatchSize: p.batch, Workers: p.workers, Closed: len(out.closed), CloseErrors: out.errors, PoolExhausted: out.exhausted, Behind: out.behind}
 	if out.firstErr != nil {
 		r.FirstError = out.firstErr.Error()

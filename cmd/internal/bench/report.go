@@ -11,6 +11,7 @@ import (
 	"runtime"
 	"runtime/debug"
 	"slices"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -175,14 +176,48 @@ func (r *Result) mainMax(kind string) *PhaseResult {
 	return r.find(func(p *PhaseResult) bool { return p.Kind == kind && p.Group == GroupMain && p.Rate == 0 })
 }
 
-func (r *Result) bestCeiling() *PhaseResult {
-	var best *PhaseResult
+// ceiling is the ceiling the ratio target divides by: the client count
+// whose runs have the highest mean tx/s, with that mean and the runs.
+type ceiling struct {
+	clients int
+	mean    float64
+	runs    []float64
+}
+
+func (r *Result) bestCeiling() *ceiling {
+	var byClients []*ceiling
 	for _, p := range r.Phases {
-		if p.Kind == KindCeiling && (best == nil || p.Sustained > best.Sustained) {
-			best = p
+		if p.Kind != KindCeiling {
+			continue
+		}
+		i := slices.IndexFunc(byClients, func(c *ceiling) bool { return c.clients == p.Clients })
+		if i < 0 {
+			byClients = append(byClients, &ceiling{clients: p.Clients})
+			i = len(byClients) - 1
+		}
+		byClients[i].runs = append(byClients[i].runs, p.Sustained)
+	}
+	var best *ceiling
+	for _, c := range byClients {
+		for _, v := range c.runs {
+			c.mean += v / float64(len(c.runs))
+		}
+		if best == nil || c.mean > best.mean {
+			best = c
 		}
 	}
 	return best
+}
+
+func (c *ceiling) String() string {
+	if len(c.runs) == 1 {
+		return fmt.Sprintf("%.0f tx/s at %d clients", c.mean, c.clients)
+	}
+	runs := make([]string, len(c.runs))
+	for i, v := range c.runs {
+		runs[i] = fmt.Sprintf("%.0f", v)
+	}
+	return fmt.Sprintf("%.0f tx/s at %d clients, the mean of the runs before and after the maximum-rate pair: %s", c.mean, c.clients, strings.Join(runs, " and "))
 }
 
 // finish computes Verified and the targets.
@@ -200,10 +235,10 @@ func (r *Result) finish() {
 		r.Targets = append(r.Targets, Target{"sustained deals/s, dealbridge / River ≥ 1.0 (maximum rate)",
 			fmt.Sprintf("%.2f (%.0f / %.0f deals/s)", ratio, db.Sustained, rv.Sustained), met(ratio >= 1)})
 	}
-	if db != nil && ceil != nil && ceil.Sustained > 0 {
-		ratio := db.Sustained / ceil.Sustained
+	if db != nil && ceil != nil && ceil.mean > 0 {
+		ratio := db.Sustained / ceil.mean
 		r.Targets = append(r.Targets, Target{"sustained deals/s ≥ 40% of the ceiling's tx/s",
-			fmt.Sprintf("%.0f%% (%.0f deals/s / %.0f tx/s at %d clients)", 100*ratio, db.Sustained, ceil.Sustained, ceil.Clients), met(ratio >= 0.4)})
+			fmt.Sprintf("%.0f%% (%.0f deals/s / %s)", 100*ratio, db.Sustained, ceil), met(ratio >= 0.4)})
 	}
 	if p := r.find(func(p *PhaseResult) bool { return p.Kind == KindDealbridge && p.Group == GroupMain && p.Rate == 500 }); p != nil && p.Latency != nil {
 		r.Targets = append(r.Targets, Target{"p99 commit→invoice ≤ 50 ms at 500 deals/s",
@@ -351,7 +386,11 @@ func (r *Result) Markdown() string {
 		if p.Kind != KindCeiling {
 			continue
 		}
-		w("| %d | %d%s | **%s** | %s | %s | %s | %s | %s |\n", p.Clients, p.Closed, exhaustedMark(p), f0(p.Sustained), f1(p.CloseLatency.P50), f1(p.CloseLatency.P99),
+		clients := strconv.Itoa(p.Clients)
+		if p.Run > 1 {
+			clients += fmt.Sprintf(" (run %d, after the maximum-rate pair)", p.Run)
+		}
+		w("| %s | %d%s | **%s** | %s | %s | %s | %s | %s |\n", clients, p.Closed, exhaustedMark(p), f0(p.Sustained), f1(p.CloseLatency.P50), f1(p.CloseLatency.P99),
 			cores(p.CPUPostgres, p.BusySeconds), cores(p.CPULoad, p.BusySeconds), perDeal(p.CPUPostgres, p.Closed))
 	}
 
@@ -403,7 +442,7 @@ func (r *Result) Markdown() string {
 	return b.String()
 }
 
-const method = `* **One run, one server, interleaved.** Every phase runs in a fresh database copied from one template (dealbridge's and River's migrations, the stocked SKUs and a pool of open deals, vacuumed), on the same PostgreSQL server, one phase after the other: the ceiling, then dealbridge and River alternately at maximum rate and at each fixed rate (ABBA order), then dealbridge's scaling phases. The load of each phase lasts %s; a phase that used up the pool of open deals ends early and is marked †.
+const method = `* **One run, one server, interleaved.** Every phase runs in a fresh database copied from one template (dealbridge's and River's migrations, the stocked SKUs and a pool of open deals, vacuumed), on the same PostgreSQL server, one phase after the other: the ceiling, dealbridge and River at maximum rate, the ceiling again (the ratio target divides by the mean of the two runs that bracket the maximum-rate pair, so that a machine that speeds up or slows down between phases moves both sides alike), the other ceilings, then dealbridge and River alternately at each fixed rate (ABBA order), then dealbridge's scaling phases. The load of each phase lasts %s; a phase that used up the pool of open deals ends early and is marked †.
 * **Processes.** The relay, the handlers, the ERP simulator and the River worker are child processes of this binary (` + "`relay`, `handler`, `erp-sim`, `bench river-worker`" + `), started fresh for each phase, with their flags' defaults except the batch size and handler count of the phase. The load generator runs in the bench process and calls ` + "`postgres.Store.CloseDeal`" + ` directly (no HTTP API in the path). Before each measurement, 40 deals go through end to end (warm-up, not counted).
 * **Maximum rate** is closed loop: %s clients close deals as fast as they can, but wait while more than %s deals are closed and not yet invoiced, so that input equals output and the rate is one the pipeline sustains. **Fixed rates** are open loop: closes start on a fixed schedule whatever the system's speed (‡ marks a generator that fell behind its schedule).
 * **Sustained deals/s** is the number of invoices recorded during the load window divided by the window (for the ceiling: committed closes per second). **end to end/s** is the window's deals divided by the time from the first one's close to the last one's invoice, drain included.
