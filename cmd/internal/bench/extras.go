@@ -26,11 +26,20 @@ type ReplayResult struct {
 	CPULoad       float64 `json:"cpu_replayer_s"`
 	CPUPostgres   float64 `json:"cpu_postgres_s"`
 	SeededSeconds float64 `json:"seed_s"`
+	// Runs are the events/s of every rebuild; the fields above are the
+	// fastest one's.
+	Runs []float64 `json:"runs_events_per_s"`
 }
+
+// replayRuns is how many times the rebuild runs: about a second each, a
+// single one measured a momentary slowdown of the machine as much as the
+// code (83,000 to 156,000 events/s in single runs of the same code).
+const replayRuns = 3
 
 // runReplay seeds a log of about cfg.ReplayEvents events into a fresh
 // database and times projections.Replay's rebuild of every projection from
-// it (no verify, no swap), as `dealbridge replay --rebuild` does.
+// it (no verify, no swap), as `dealbridge replay --rebuild` does, replayRuns
+// times; the fastest counts, as in go test -bench.
 func (h *harness) runReplay(ctx context.Context) (ReplayResult, error) {
 	var r ReplayResult
 	db, err := h.newPhaseDB(ctx, "replay")
@@ -48,19 +57,25 @@ func (h *harness) runReplay(ctx context.Context) (ReplayResult, error) {
 		return r, err
 	}
 	r.SeededSeconds = time.Since(t0).Seconds()
-	pg0, pgOK := h.srv.cpu()
-	self0 := selfCPU()
-	rep, err := projections.Replay(ctx, pool, projections.Options{})
-	if err != nil {
-		return r, err
+	for range replayRuns {
+		pg0, pgOK := h.srv.cpu()
+		self0 := selfCPU()
+		rep, err := projections.Replay(ctx, pool, projections.Options{})
+		if err != nil {
+			return r, err
+		}
+		pg1, _ := h.srv.cpu()
+		r.Runs = append(r.Runs, rep.EventsPerSecond())
+		if rep.EventsPerSecond() < r.EventsPerSec {
+			continue
+		}
+		r.CPULoad = (selfCPU() - self0).Seconds()
+		r.CPUPostgres = -1
+		if pgOK {
+			r.CPUPostgres = (pg1 - pg0).Seconds()
+		}
+		r.Events, r.Seconds, r.EventsPerSec = rep.Events, rep.Elapsed.Seconds(), rep.EventsPerSecond()
 	}
-	pg1, _ := h.srv.cpu()
-	r.CPULoad = (selfCPU() - self0).Seconds()
-	r.CPUPostgres = -1
-	if pgOK {
-		r.CPUPostgres = (pg1 - pg0).Seconds()
-	}
-	r.Events, r.Seconds, r.EventsPerSec = rep.Events, rep.Elapsed.Seconds(), rep.EventsPerSecond()
 	return r, nil
 }
 

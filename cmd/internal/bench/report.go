@@ -209,6 +209,15 @@ func (r *Result) bestCeiling() *ceiling {
 	return best
 }
 
+// runsOf lists the events/s of the replay's runs.
+func runsOf(runs []float64) string {
+	out := make([]string, len(runs))
+	for i, v := range runs {
+		out[i] = fmt.Sprintf("%.0f", v)
+	}
+	return strings.Join(out, ", ")
+}
+
 func (c *ceiling) String() string {
 	if len(c.runs) == 1 {
 		return fmt.Sprintf("%.0f tx/s at %d clients", c.mean, c.clients)
@@ -268,7 +277,7 @@ func (r *Result) finish() {
 	}
 	if r.Replay != nil {
 		r.Targets = append(r.Targets, Target{"replay rebuild ≥ 100,000 events/s",
-			fmt.Sprintf("%.0f events/s (%d events)", r.Replay.EventsPerSec, r.Replay.Events), met(r.Replay.EventsPerSec >= 100_000)})
+			fmt.Sprintf("%.0f events/s (%d events; fastest of %s)", r.Replay.EventsPerSec, r.Replay.Events, runsOf(r.Replay.Runs)), met(r.Replay.EventsPerSec >= 100_000)})
 	}
 	if r.Bulk != nil {
 		r.Targets = append(r.Targets, Target{"bulk dead-letter re-inject ≥ 2,000 entries/s",
@@ -411,8 +420,8 @@ func (r *Result) Markdown() string {
 	if r.Replay != nil || r.Bulk != nil {
 		w("\n## Replay and bulk re-inject\n\n| operation | size | time | rate | CPU bench (s) | CPU Postgres (s) |\n|---|---|---|---|---|---|\n")
 		if x := r.Replay; x != nil {
-			w("| replay rebuild of every projection (`projections.Replay`, 2 writers) | %d events | %.2f s | **%.0f events/s** | %.2f | %s |\n",
-				x.Events, x.Seconds, x.EventsPerSec, x.CPULoad, cpuOrNA(x.CPUPostgres))
+			w("| replay rebuild of every projection (`projections.Replay`, 2 writers), fastest of %d runs (%s events/s) | %d events | %.2f s | **%.0f events/s** | %.2f | %s |\n",
+				len(x.Runs), runsOf(x.Runs), x.Events, x.Seconds, x.EventsPerSec, x.CPULoad, cpuOrNA(x.CPUPostgres))
 		}
 		if x := r.Bulk; x != nil {
 			w("| bulk dead-letter re-inject (`Store.RunBulkReinject`, unlimited rate) | %d entries over %d deals | %.2f s | **%.0f entries/s** | %.2f | %s |\n",
