@@ -61,6 +61,10 @@ type Config struct {
 	Quick bool
 	// Phase is the load time of each phase (default 10s; quick 1.5s).
 	Phase time.Duration
+	// Rounds is how many times the main comparison runs (the ceiling,
+	// both contenders at maximum rate and at each fixed rate), interleaved;
+	// the targets use the medians of the rounds (default 3; quick 1).
+	Rounds int
 	// Drain bounds the wait for the last invoices after the load (default
 	// 60s).
 	Drain time.Duration
@@ -124,6 +128,7 @@ type Config struct {
 func (c Config) withDefaults() Config {
 	if c.Quick {
 		c.Phase = cmp.Or(c.Phase, 1500*time.Millisecond)
+		c.Rounds = cmp.Or(c.Rounds, 1)
 		c.Drain = cmp.Or(c.Drain, 30*time.Second)
 		c.CeilingClients = orSlice(c.CeilingClients, []int{8})
 		c.Rates = orSlice(c.Rates, []float64{100})
@@ -138,6 +143,7 @@ func (c Config) withDefaults() Config {
 		c.PoolDeals = cmp.Or(c.PoolDeals, 1200)
 	}
 	c.Phase = cmp.Or(c.Phase, 10*time.Second)
+	c.Rounds = cmp.Or(c.Rounds, 3)
 	c.Drain = cmp.Or(c.Drain, 60*time.Second)
 	c.CeilingClients = orSlice(c.CeilingClients, []int{8, 32})
 	c.Closers = cmp.Or(c.Closers, 8)
@@ -178,7 +184,7 @@ func (c Config) validate() error {
 	if c.Bin == "" {
 		errs = append(errs, errors.New("bench: Config.Bin (the dealbridge binary) is required"))
 	}
-	for _, n := range append(append(append([]int{c.Closers, c.Consumers, c.SKUs, c.MaxBacklog}, c.CeilingClients...), c.Handlers...), append(c.BatchSizes, c.RiverWorkers...)...) {
+	for _, n := range append(append(append([]int{c.Closers, c.Consumers, c.SKUs, c.MaxBacklog, c.Rounds}, c.CeilingClients...), c.Handlers...), append(c.BatchSizes, c.RiverWorkers...)...) {
 		if n <= 0 {
 			errs = append(errs, fmt.Errorf("bench: counts, sizes and clients must be positive, got %d", n))
 			break

@@ -38,7 +38,7 @@ type phase struct {
 	kind     string
 	group    string
 	clients  int     // ceiling: concurrent clients
-	run      int     // ceiling: 2 for the run after the maximum-rate pair
+	round    int     // main comparison: 1-based round (0: not repeated)
 	rate     float64 // end to end: offered deals/s; 0 is maximum rate
 	handlers int     // dealbridge: handler processes
 	batch    int     // dealbridge: relay batch size
@@ -48,14 +48,18 @@ type phase struct {
 func (p phase) name() string {
 	switch p.kind {
 	case KindCeiling:
-		if p.run > 1 {
-			return fmt.Sprintf("ceiling, %d clients, run %d", p.clients, p.run)
-		}
-		return fmt.Sprintf("ceiling, %d clients", p.clients)
+		return fmt.Sprintf("ceiling, %d clients%s", p.clients, p.roundName())
 	case KindDealbridge:
-		return fmt.Sprintf("dealbridge %s, %d handler(s), batch %d", p.rateName(), p.handlers, p.batch)
+		return fmt.Sprintf("dealbridge %s, %d handler(s), batch %d%s", p.rateName(), p.handlers, p.batch, p.roundName())
 	}
-	return fmt.Sprintf("river %s, MaxWorkers %d", p.rateName(), p.workers)
+	return fmt.Sprintf("river %s, MaxWorkers %d%s", p.rateName(), p.workers, p.roundName())
+}
+
+func (p phase) roundName() string {
+	if p.round == 0 {
+		return ""
+	}
+	return fmt.Sprintf(", round %d", p.round)
 }
 
 func (p phase) rateName() string {
@@ -73,50 +77,53 @@ func (p phase) tag() string {
 	}
 	switch p.kind {
 	case KindCeiling:
-		if p.run > 1 {
-			return fmt.Sprintf("ceiling_c%d_r%d", p.clients, p.run)
-		}
-		return fmt.Sprintf("ceiling_c%d", p.clients)
+		return fmt.Sprintf("ceiling_c%d_r%d", p.clients, p.round)
 	case KindDealbridge:
-		return fmt.Sprintf("db_%s_h%d_b%d", r, p.handlers, p.batch)
+		return fmt.Sprintf("db_%s_h%d_b%d_r%d", r, p.handlers, p.batch, p.round)
 	}
-	return fmt.Sprintf("river_%s_w%d", r, p.workers)
+	return fmt.Sprintf("river_%s_w%d_r%d", r, p.workers, p.round)
 }
 
 // plan interleaves the phases so that machine noise hits every contender
-// alike: the ceiling, dealbridge and River at maximum rate, the ceiling
-// again (the maximum-rate pair is bracketed by two ceiling runs, whose mean
-// the ratio target uses), the other ceilings, then dealbridge and River
-// alternately at each fixed rate (ABBA order), then dealbridge's scaling
-// and River with its other worker counts.
+// alike. The main comparison runs cfg.Rounds times: in each round the
+// ceiling, then dealbridge and River at maximum rate, then at each fixed
+// rate, the two contenders taking turns to go first (ABBA across rates and
+// rounds); the last round ends with the ceiling once more, so that every
+// maximum-rate pair is bracketed by two ceiling runs. The other ceilings,
+// dealbridge's scaling and River with its other worker counts run once,
+// after the rounds.
 func plan(cfg Config) []phase {
 	h0, b0 := cfg.Handlers[0], cfg.BatchSizes[0]
-	db := func(rate float64, h, b int, g string) phase {
-		return phase{kind: KindDealbridge, group: g, rate: rate, handlers: h, batch: b}
+	db := func(rate float64, h, b int, g string, round int) phase {
+		return phase{kind: KindDealbridge, group: g, rate: rate, handlers: h, batch: b, round: round}
 	}
-	rv := func(rate float64) phase {
-		return phase{kind: KindRiver, group: GroupMain, rate: rate, workers: cfg.RiverWorkers[0]}
+	rv := func(rate float64, round int) phase {
+		return phase{kind: KindRiver, group: GroupMain, rate: rate, workers: cfg.RiverWorkers[0], round: round}
+	}
+	pair := func(rate float64, round int, dealbridgeFirst bool) []phase {
+		if dealbridgeFirst {
+			return []phase{db(rate, h0, b0, GroupMain, round), rv(rate, round)}
+		}
+		return []phase{rv(rate, round), db(rate, h0, b0, GroupMain, round)}
 	}
 	var ps []phase
 	cs := cfg.CeilingClients
-	ps = append(ps, phase{kind: KindCeiling, group: GroupMain, clients: cs[0]})
-	ps = append(ps, db(0, h0, b0, GroupMain), rv(0))
-	ps = append(ps, phase{kind: KindCeiling, group: GroupMain, clients: cs[0], run: 2})
+	for round := 1; round <= cfg.Rounds; round++ {
+		ps = append(ps, phase{kind: KindCeiling, group: GroupMain, clients: cs[0], round: round})
+		ps = append(ps, pair(0, round, round%2 == 1)...)
+		for i, r := range cfg.Rates {
+			ps = append(ps, pair(r, round, (i+round)%2 == 0)...)
+		}
+	}
+	ps = append(ps, phase{kind: KindCeiling, group: GroupMain, clients: cs[0], round: cfg.Rounds + 1})
 	for _, c := range cs[1:] {
 		ps = append(ps, phase{kind: KindCeiling, group: GroupMain, clients: c})
 	}
-	for i, r := range cfg.Rates {
-		if i%2 == 0 {
-			ps = append(ps, db(r, h0, b0, GroupMain), rv(r))
-		} else {
-			ps = append(ps, rv(r), db(r, h0, b0, GroupMain))
-		}
-	}
 	for _, h := range cfg.Handlers[1:] {
-		ps = append(ps, db(0, h, b0, GroupScaling))
+		ps = append(ps, db(0, h, b0, GroupScaling, 0))
 	}
 	for _, b := range cfg.BatchSizes[1:] {
-		ps = append(ps, db(0, h0, b, GroupScaling))
+		ps = append(ps, db(0, h0, b, GroupScaling, 0))
 	}
 	for _, w := range cfg.RiverWorkers[1:] {
 		ps = append(ps, phase{kind: KindRiver, group: GroupScaling, workers: w})
@@ -130,8 +137,8 @@ type PhaseResult struct {
 	Kind      string  `json:"kind"`
 	Group     string  `json:"group"`
 	Clients   int     `json:"clients,omitempty"`
-	Run       int     `json:"run,omitempty"` // ceiling: 2 for the run after the maximum-rate pair
-	Rate      float64 `json:"offered_rate"`  // deals/s; 0: maximum rate
+	Round     int     `json:"round,omitempty"` // main comparison: 1-based round
+	Rate      float64 `json:"offered_rate"`    // deals/s; 0: maximum rate
 	Handlers  int     `json:"handlers,omitempty"`
 	BatchSize int     `json:"relay_batch_size,omitempty"`
 	Workers   int     `json:"river_max_workers,omitempty"`
@@ -301,7 +308,7 @@ func (h *harness) runCeiling(ctx context.Context, p phase, db string) (*PhaseRes
 }
 
 func newResult(p phase, out loadOut) *PhaseResult {
-	r := &PhaseResult{Name: p.name(), Kind: p.kind, Group: p.group, Clients: p.clients, Run: p.run, Rate: p.rate, Handlers: p.handlers,
+	r := &PhaseResult{Name: p.name(), Kind: p.kind, Group: p.group, Clients: p.clients, Round: p.round, Rate: p.rate, Handlers: p.handlers,
 		BatchSize: p.batch, Workers: p.workers, Closed: len(out.closed), CloseErrors: out.errors, PoolExhausted: out.exhausted, Behind: out.behind}
 	if out.firstErr != nil {
 		r.FirstError = out.firstErr.Error()

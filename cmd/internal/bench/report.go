@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"maps"
+	"math"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -135,6 +136,7 @@ func describeConfig(c Config) map[string]string {
 	ints := func(v []int) string { return strings.Trim(strings.Join(strings.Fields(fmt.Sprint(v)), ","), "[]") }
 	return map[string]string{
 		"phase":           c.Phase.String(),
+		"rounds":          strconv.Itoa(c.Rounds),
 		"drain_max":       c.Drain.String(),
 		"ceiling_clients": ints(c.CeilingClients),
 		"closers":         fmt.Sprint(c.Closers),
@@ -172,16 +174,54 @@ func (r *Result) find(match func(*PhaseResult) bool) *PhaseResult {
 	return nil
 }
 
-func (r *Result) mainMax(kind string) *PhaseResult {
-	return r.find(func(p *PhaseResult) bool { return p.Kind == kind && p.Group == GroupMain && p.Rate == 0 })
+// mainRuns returns the main comparison's phases of kind at rate (0:
+// maximum rate), one per round.
+func (r *Result) mainRuns(kind string, rate float64) []*PhaseResult {
+	var out []*PhaseResult
+	for _, p := range r.Phases {
+		if p.Kind == kind && p.Group == GroupMain && p.Rate == rate {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+// medianOf is the median of f over ps (the mean of the middle two for an
+// even count), with every value in phase order for the report.
+func medianOf(ps []*PhaseResult, f func(*PhaseResult) float64) (median float64, values string) {
+	if len(ps) == 0 {
+		return 0, ""
+	}
+	vs := make([]float64, 0, len(ps))
+	strs := make([]string, 0, len(ps))
+	for _, p := range ps {
+		v := f(p)
+		vs = append(vs, v)
+		strs = append(strs, strconv.FormatFloat(v, 'f', 0, 64))
+	}
+	slices.Sort(vs)
+	n := len(vs)
+	median = vs[n/2]
+	if n%2 == 0 {
+		median = (vs[n/2-1] + vs[n/2]) / 2
+	}
+	return median, strings.Join(strs, ", ")
+}
+
+// ofRuns says what a median is made of: "" for a single run.
+func ofRuns(n int, values string) string {
+	if n < 2 {
+		return ""
+	}
+	return fmt.Sprintf("; median of %d runs: %s", n, values)
 }
 
 // ceiling is the ceiling the ratio target divides by: the client count
-// whose runs have the highest mean tx/s, with that mean and the runs.
+// whose runs have the highest median tx/s.
 type ceiling struct {
 	clients int
-	mean    float64
-	runs    []float64
+	median  float64
+	runs    []*PhaseResult
 }
 
 func (r *Result) bestCeiling() *ceiling {
@@ -195,39 +235,24 @@ func (r *Result) bestCeiling() *ceiling {
 			byClients = append(byClients, &ceiling{clients: p.Clients})
 			i = len(byClients) - 1
 		}
-		byClients[i].runs = append(byClients[i].runs, p.Sustained)
+		byClients[i].runs = append(byClients[i].runs, p)
 	}
 	var best *ceiling
 	for _, c := range byClients {
-		for _, v := range c.runs {
-			c.mean += v / float64(len(c.runs))
-		}
-		if best == nil || c.mean > best.mean {
+		c.median, _ = medianOf(c.runs, sustained)
+		if best == nil || c.median > best.median {
 			best = c
 		}
 	}
 	return best
 }
 
-// runsOf lists the events/s of the replay's runs.
-func runsOf(runs []float64) string {
-	out := make([]string, len(runs))
-	for i, v := range runs {
-		out[i] = fmt.Sprintf("%.0f", v)
-	}
-	return strings.Join(out, ", ")
+func (c *ceiling) String() string {
+	_, values := medianOf(c.runs, sustained)
+	return fmt.Sprintf("%.0f tx/s at %d clients%s", c.median, c.clients, ofRuns(len(c.runs), values))
 }
 
-func (c *ceiling) String() string {
-	if len(c.runs) == 1 {
-		return fmt.Sprintf("%.0f tx/s at %d clients", c.mean, c.clients)
-	}
-	runs := make([]string, len(c.runs))
-	for i, v := range c.runs {
-		runs[i] = fmt.Sprintf("%.0f", v)
-	}
-	return fmt.Sprintf("%.0f tx/s at %d clients, the mean of the runs before and after the maximum-rate pair: %s", c.mean, c.clients, strings.Join(runs, " and "))
-}
+func sustained(p *PhaseResult) float64 { return p.Sustained }
 
 // finish computes Verified and the targets.
 func (r *Result) finish() {
@@ -238,37 +263,60 @@ func (r *Result) finish() {
 		}
 	}
 	met := func(b bool) *bool { return &b }
-	db, rv, ceil := r.mainMax(KindDealbridge), r.mainMax(KindRiver), r.bestCeiling()
-	if db != nil && rv != nil && rv.Sustained > 0 {
-		ratio := db.Sustained / rv.Sustained
+	dbs, rvs, ceil := r.mainRuns(KindDealbridge, 0), r.mainRuns(KindRiver, 0), r.bestCeiling()
+	dbMax, dbValues := medianOf(dbs, sustained)
+	rvMax, rvValues := medianOf(rvs, sustained)
+	if len(dbs) > 0 && rvMax > 0 {
+		ratio := dbMax / rvMax
 		r.Targets = append(r.Targets, Target{"sustained deals/s, dealbridge / River ≥ 1.0 (maximum rate)",
-			fmt.Sprintf("%.2f (%.0f / %.0f deals/s)", ratio, db.Sustained, rv.Sustained), met(ratio >= 1)})
+			fmt.Sprintf("%.2f (%.0f / %.0f deals/s%s)", ratio, dbMax, rvMax, ofRuns(len(dbs), dbValues+" / "+rvValues)), met(ratio >= 1)})
 	}
-	if db != nil && ceil != nil && ceil.mean > 0 {
-		ratio := db.Sustained / ceil.mean
+	if len(dbs) > 0 && ceil != nil && ceil.median > 0 {
+		ratio := dbMax / ceil.median
 		r.Targets = append(r.Targets, Target{"sustained deals/s ≥ 40% of the ceiling's tx/s",
-			fmt.Sprintf("%.0f%% (%.0f deals/s / %s)", 100*ratio, db.Sustained, ceil), met(ratio >= 0.4)})
+			fmt.Sprintf("%.0f%% (%.0f deals/s / %s)", 100*ratio, dbMax, ceil), met(ratio >= 0.4)})
 	}
-	if p := r.find(func(p *PhaseResult) bool { return p.Kind == KindDealbridge && p.Group == GroupMain && p.Rate == 500 }); p != nil && p.Latency != nil {
+	p99 := func(p *PhaseResult) float64 {
+		if p.Latency == nil {
+			return math.Inf(1)
+		}
+		return p.Latency.P99
+	}
+	if at500 := r.mainRuns(KindDealbridge, 500); len(at500) > 0 {
+		v, values := medianOf(at500, p99)
+		rv, rvValues := medianOf(r.mainRuns(KindRiver, 500), p99)
 		r.Targets = append(r.Targets, Target{"p99 commit→invoice ≤ 50 ms at 500 deals/s",
-			fmt.Sprintf("%.1f ms (River: %s)", p.Latency.P99, riverP99(r, 500)), met(p.Latency.P99 <= 50)})
+			fmt.Sprintf("%.1f ms%s (River: %.1f ms%s)", v, ofRuns(len(at500), values), rv, ofRuns(len(at500), rvValues)), met(v <= 50)})
 	} else {
 		r.Targets = append(r.Targets, Target{"p99 commit→invoice ≤ 50 ms at 500 deals/s", "not run (no 500/s phase)", nil})
 	}
-	if db != nil {
+	if len(dbs) > 0 {
+		peak := map[string]int64{}
+		var names []string
+		for _, db := range dbs {
+			for _, c := range db.CPU {
+				if c.Name == "relay" || strings.HasPrefix(c.Name, "handler") {
+					if _, ok := peak[c.Name]; !ok {
+						names = append(names, c.Name)
+					}
+					peak[c.Name] = max(peak[c.Name], c.PeakRSS)
+				}
+			}
+		}
 		var parts []string
 		ok := true
-		for _, c := range db.CPU {
-			if c.Name == "relay" || strings.HasPrefix(c.Name, "handler") {
-				parts = append(parts, fmt.Sprintf("%s %s", c.Name, mib(c.PeakRSS)))
-				ok = ok && c.PeakRSS <= 100<<20
-			}
+		for _, n := range names {
+			parts = append(parts, fmt.Sprintf("%s %s", n, mib(peak[n])))
+			ok = ok && peak[n] <= 100<<20
 		}
 		r.Targets = append(r.Targets, Target{"relay and handler peak RSS ≤ 100 MB each at maximum rate", strings.Join(parts, ", "), met(ok)})
 	}
 	var sc []string
+	if len(dbs) > 0 {
+		sc = append(sc, fmt.Sprintf("h%d/b%d %.0f", dbs[0].Handlers, dbs[0].BatchSize, dbMax))
+	}
 	for _, p := range r.Phases {
-		if p.Kind == KindDealbridge && p.Rate == 0 {
+		if p.Kind == KindDealbridge && p.Rate == 0 && p.Group == GroupScaling {
 			sc = append(sc, fmt.Sprintf("h%d/b%d %.0f", p.Handlers, p.BatchSize, p.Sustained))
 		}
 	}
@@ -284,14 +332,6 @@ func (r *Result) finish() {
 			fmt.Sprintf("%.0f entries/s (%d entries)", r.Bulk.EntriesPerSec, r.Bulk.Entries), met(r.Bulk.EntriesPerSec >= 2000)})
 	}
 	r.Targets = append(r.Targets, Target{"every contender invoiced every deal it closed exactly once", yesNo(r.Verified), met(r.Verified)})
-}
-
-func riverP99(r *Result, rate float64) string {
-	p := r.find(func(p *PhaseResult) bool { return p.Kind == KindRiver && p.Rate == rate })
-	if p == nil || p.Latency == nil {
-		return "not run"
-	}
-	return fmt.Sprintf("%.1f ms", p.Latency.P99)
 }
 
 func yesNo(b bool) string {
@@ -396,8 +436,8 @@ func (r *Result) Markdown() string {
 			continue
 		}
 		clients := strconv.Itoa(p.Clients)
-		if p.Run > 1 {
-			clients += fmt.Sprintf(" (run %d, after the maximum-rate pair)", p.Run)
+		if p.Round > 0 {
+			clients += fmt.Sprintf(" (run %d)", p.Round)
 		}
 		w("| %s | %d%s | **%s** | %s | %s | %s | %s | %s |\n", clients, p.Closed, exhaustedMark(p), f0(p.Sustained), f1(p.CloseLatency.P50), f1(p.CloseLatency.P99),
 			cores(p.CPUPostgres, p.BusySeconds), cores(p.CPULoad, p.BusySeconds), perDeal(p.CPUPostgres, p.Closed))
@@ -447,11 +487,11 @@ func (r *Result) Markdown() string {
 	}
 
 	w("\n\n## How it is measured\n\n")
-	w(method, r.Config["phase"], r.Config["closers"], r.Config["max_backlog"], r.Config["consumers"], r.Config["river_workers"], r.Config["river_fetch"], r.Config["child_log_level"], r.Config["skus"], r.Config["pool_deals"])
+	w(method, r.Config["rounds"], r.Config["phase"], r.Config["closers"], r.Config["max_backlog"], r.Config["consumers"], r.Config["river_workers"], r.Config["river_fetch"], r.Config["child_log_level"], r.Config["skus"], r.Config["pool_deals"])
 	return b.String()
 }
 
-const method = `* **One run, one server, interleaved.** Every phase runs in a fresh database copied from one template (dealbridge's and River's migrations, the stocked SKUs and a pool of open deals, vacuumed), on the same PostgreSQL server, one phase after the other: the ceiling, dealbridge and River at maximum rate, the ceiling again (the ratio target divides by the mean of the two runs that bracket the maximum-rate pair, so that a machine that speeds up or slows down between phases moves both sides alike), the other ceilings, then dealbridge and River alternately at each fixed rate (ABBA order), then dealbridge's scaling phases. The load of each phase lasts %s; a phase that used up the pool of open deals ends early and is marked †.
+const method = `* **One run, one server, interleaved.** Every phase runs in a fresh database copied from one template (dealbridge's and River's migrations, the stocked SKUs and a pool of open deals, vacuumed), on the same PostgreSQL server, one phase after the other. The main comparison runs in %s rounds: in each, the ceiling, then dealbridge and River at maximum rate and at each fixed rate, the two taking turns to go first (ABBA across rates and rounds); the ceiling runs once more after the last round, so that every maximum-rate pair is bracketed by two ceiling runs. The targets use the median of the rounds (ceiling: of its runs), because this machine's speed drifts by up to a third from one minute to the next and a single run measures the drift as much as the code; every run is in the tables. Then the other ceilings and dealbridge's scaling phases, once each. The load of each phase lasts %s; a phase that used up the pool of open deals ends early and is marked †.
 * **Processes.** The relay, the handlers, the ERP simulator and the River worker are child processes of this binary (` + "`relay`, `handler`, `erp-sim`, `bench river-worker`" + `), started fresh for each phase, with their flags' defaults except the batch size and handler count of the phase. The load generator runs in the bench process and calls ` + "`postgres.Store.CloseDeal`" + ` directly (no HTTP API in the path). Before each measurement, 40 deals go through end to end (warm-up, not counted).
 * **Maximum rate** is closed loop: %s clients close deals as fast as they can, but wait while more than %s deals are closed and not yet invoiced, so that input equals output and the rate is one the pipeline sustains. **Fixed rates** are open loop: closes start on a fixed schedule whatever the system's speed (‡ marks a generator that fell behind its schedule).
 * **Sustained deals/s** is the number of invoices recorded during the load window divided by the window (for the ceiling: committed closes per second). **end to end/s** is the window's deals divided by the time from the first one's close to the last one's invoice, drain included.
@@ -529,4 +569,13 @@ func cmpOr(s, def string) string {
 		return def
 	}
 	return s
+}
+
+// runsOf lists the events/s of the replay's runs.
+func runsOf(runs []float64) string {
+	out := make([]string, len(runs))
+	for i, v := range runs {
+		out[i] = fmt.Sprintf("%.0f", v)
+	}
+	return strings.Join(out, ", ")
 }

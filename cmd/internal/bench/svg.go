@@ -38,7 +38,11 @@ func (r *Result) SVG() string {
 	var lat []bar
 	for _, p := range r.Phases {
 		if p.Rate > 0 && p.Latency != nil && p.Group == GroupMain {
-			lat = append(lat, bar{label: fmt.Sprintf("%s at %.0f/s", p.Kind, p.Rate), color: kindColor[p.Kind],
+			label := fmt.Sprintf("%s at %.0f/s", p.Kind, p.Rate)
+			if p.Round > 0 {
+				label += fmt.Sprintf(", round %d", p.Round)
+			}
+			lat = append(lat, bar{label: label, color: kindColor[p.Kind],
 				v: p.Latency.P99, v2: p.Latency.P50, note: fmt.Sprintf("p50 %.1f · p99 %.1f ms", p.Latency.P50, p.Latency.P99)})
 		}
 	}

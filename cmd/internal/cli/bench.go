@@ -28,6 +28,7 @@ func runBench(ctx context.Context, env Env, args []string) error {
 	f.string(&cfg.OutDir, "out", "DEALBRIDGE_BENCH_OUT", "", "directory for README.md, chart.svg and result.json (e.g. docs/bench)")
 	f.BoolVar(&cfg.Quick, "quick", false, "a tiny run of a few seconds per phase (smoke test; its numbers mean nothing)")
 	f.duration(&cfg.Phase, "phase", "DEALBRIDGE_BENCH_PHASE", 0, "load time of each phase (default 10s; --quick 1.5s)")
+	f.int(&cfg.Rounds, "rounds", "DEALBRIDGE_BENCH_ROUNDS", 0, "times the main comparison (ceiling, both contenders at maximum rate and at each rate) runs, interleaved; targets use the medians (default 3; --quick 1)")
 	f.string(&rates, "rates", "DEALBRIDGE_BENCH_RATES", "", "open-loop rates in deals/s, comma-separated (default 250,500,1000)")
 	f.string(&ceiling, "ceiling-clients", "DEALBRIDGE_BENCH_CEILING_CLIENTS", "", "concurrent clients of the ceiling phases (default 8,32)")
 	f.string(&hs, "handlers", "DEALBRIDGE_BENCH_HANDLERS", "", "handler process counts; the first is the main configuration (default 1,2,4)")
