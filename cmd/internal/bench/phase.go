@@ -86,12 +86,12 @@ func (p phase) tag() string {
 
 // plan interleaves the phases so that machine noise hits every contender
 // alike. The main comparison runs cfg.Rounds times: in each round the
-// ceiling, then dealbridge and River at maximum rate, then at each fixed
-// rate, the two contenders taking turns to go first (ABBA across rates and
-// rounds); the last round ends with the ceiling once more, so that every
-// maximum-rate pair is bracketed by two ceiling runs. The other ceilings,
-// dealbridge's scaling and River with its other worker counts run once,
-// after the rounds.
+// ceilings (every client count), then dealbridge and River at maximum
+// rate, then at each fixed rate, the two contenders taking turns to go
+// first (ABBA across rates and rounds); the ceilings run once more after
+// the last round, so that every maximum-rate pair is bracketed by ceiling
+// runs. Dealbridge's scaling and River with its other worker counts run
+// once, after the rounds.
 func plan(cfg Config) []phase {
 	h0, b0 := cfg.Handlers[0], cfg.BatchSizes[0]
 	db := func(rate float64, h, b int, g string, round int) phase {
@@ -108,17 +108,19 @@ func plan(cfg Config) []phase {
 	}
 	var ps []phase
 	cs := cfg.CeilingClients
+	ceilings := func(round int) {
+		for _, c := range cs {
+			ps = append(ps, phase{kind: KindCeiling, group: GroupMain, clients: c, round: round})
+		}
+	}
 	for round := 1; round <= cfg.Rounds; round++ {
-		ps = append(ps, phase{kind: KindCeiling, group: GroupMain, clients: cs[0], round: round})
+		ceilings(round)
 		ps = append(ps, pair(0, round, round%2 == 1)...)
 		for i, r := range cfg.Rates {
 			ps = append(ps, pair(r, round, (i+round)%2 == 0)...)
 		}
 	}
-	ps = append(ps, phase{kind: KindCeiling, group: GroupMain, clients: cs[0], round: cfg.Rounds + 1})
-	for _, c := range cs[1:] {
-		ps = append(ps, phase{kind: KindCeiling, group: GroupMain, clients: c})
-	}
+	ceilings(cfg.Rounds + 1)
 	for _, h := range cfg.Handlers[1:] {
 		ps = append(ps, db(0, h, b0, GroupScaling, 0))
 	}
