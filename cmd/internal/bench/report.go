@@ -548,6 +548,9 @@ func e2eTable(b *strings.Builder, ps []*PhaseResult, match func(*PhaseResult) bo
 		if p.Kind == KindDealbridge {
 			cfg = fmt.Sprintf("%d handler(s), batch %d", p.Handlers, p.BatchSize)
 		}
+		if p.Round > 0 {
+			cfg += fmt.Sprintf(", round %d", p.Round)
+		}
 		offered := "max"
 		if p.Rate > 0 {
 			offered = f0(p.Rate) + "/s"
