@@ -14,8 +14,8 @@ var kindColor = map[string]string{KindCeiling: "#7f7f7f", KindDealbridge: "#1f77
 // River at each fixed rate, on a log scale.
 func (r *Result) SVG() string {
 	const (
-		W     = 900.0
-		left  = 300.0
+		W     = 1000.0
+		left  = 390.0
 		right = 90.0
 		rowH  = 20.0
 	)
