@@ -32,6 +32,12 @@ type RelayConfig struct {
 	BatchSize int
 	// Middlewares wrap the forwarding handler (e.g. a poison queue).
 	Middlewares []message.HandlerMiddleware
+	// Retention, when positive, is how long relayed outbox rows are kept:
+	// every PruneInterval the relay deletes the rows it has passed that
+	// are older (PruneRelayed), in batches of 1,000. Zero keeps them all.
+	Retention time.Duration
+	// PruneInterval is how often the relay prunes. Default 1m.
+	PruneInterval time.Duration
 	// Beginner, when set, wraps the Beginner the relay's transactions
 	// begin with (watermill-sql's on pool), e.g. queue.DeferringBeginner,
 	// so that a batch's publishes into the work queue travel together.
@@ -46,6 +52,9 @@ type RelayConfig struct {
 // redelivers the batch or has delivered it, never half. Delivery is
 // at-least-once in general; handlers deduplicate by idempotency key.
 type Relay struct {
+	pool   *pgxpool.Pool
+	cfg    RelayConfig
+	log    *slog.Logger
 	fwd    *forwarder.Forwarder
 	sub    *wsql.Subscriber
 	wake   *wakeBackoff
@@ -92,6 +101,7 @@ func NewRelay(pool *pgxpool.Pool, target message.Publisher, cfg RelayConfig, log
 		return nil, fmt.Errorf("cannot create outbox forwarder: %w", err)
 	}
 	return &Relay{
+		pool: pool, cfg: cfg, log: logger.With("component", "relay"),
 		fwd: fwd, sub: sub, wake: wake, closing: closing,
 		listen: &pgnotify.Listener{
 			Conn: pool.Config().ConnConfig, Channel: NotifyChannel,
@@ -139,6 +149,9 @@ func (r *Relay) Run(ctx context.Context) error {
 	lctx, cancel := context.WithCancel(ctx)
 	var wg sync.WaitGroup
 	wg.Go(func() { r.listen.Run(lctx) })
+	if r.cfg.Retention > 0 {
+		wg.Go(func() { r.prune(lctx) })
+	}
 	stop := context.AfterFunc(ctx, r.stopWaiting)
 	defer func() {
 		stop()
@@ -152,6 +165,43 @@ func (r *Relay) Run(ctx context.Context) error {
 		return fmt.Errorf("relay stopped: %w", err)
 	}
 	return nil
+}
+
+// pruneBatch is how many rows one prune statement deletes at most: short
+// statements, so that a large first prune does not hold locks or bloat one
+// transaction.
+const pruneBatch = 1000
+
+// prune deletes relayed rows older than the retention every PruneInterval
+// until ctx is done. Several relays may prune at once: a row deleted twice
+// is deleted once.
+func (r *Relay) prune(ctx context.Context) {
+	tick := time.NewTicker(cmp.Or(r.cfg.PruneInterval, time.Minute))
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+		var total int64
+		for ctx.Err() == nil {
+			n, err := PruneRelayed(ctx, r.pool, r.cfg.Retention, pruneBatch)
+			if err != nil {
+				if ctx.Err() == nil {
+					r.log.WarnContext(ctx, "outbox prune failed; retrying at the next interval", "err", err)
+				}
+				break
+			}
+			total += n
+			if n < pruneBatch {
+				break
+			}
+		}
+		if total > 0 {
+			r.log.DebugContext(ctx, "outbox pruned", "rows", total, "retention", r.cfg.Retention)
+		}
+	}
 }
 
 // stopWaiting ends an idle wait at once, so shutdown does not wait for the

@@ -145,6 +145,9 @@ func HTTPHandler(ctx context.Context, pool *pgxpool.Pool, logger *slog.Logger, c
 type RelayConfig struct {
 	PollInterval time.Duration
 	BatchSize    int
+	// Retention is how long relayed outbox rows are kept (0: forever);
+	// see outbox.RelayConfig.
+	Retention time.Duration
 }
 
 // RunRelay relays the outbox to the work queue until ctx is done. An
@@ -167,7 +170,7 @@ func RunRelay(ctx context.Context, pool *pgxpool.Pool, cfg RelayConfig, logger *
 		return fmt.Errorf("cannot create poison queue: %w", err)
 	}
 	r, err := outbox.NewRelay(pool, pub, outbox.RelayConfig{
-		PollInterval: cfg.PollInterval, BatchSize: cfg.BatchSize, Middlewares: []message.HandlerMiddleware{
+		PollInterval: cfg.PollInterval, BatchSize: cfg.BatchSize, Retention: cfg.Retention, Middlewares: []message.HandlerMiddleware{
 			queue.UndoHeldOnError, poison, crashpoint.Middleware(crashpoint.RelayAfterPublishBeforeOffsetAck)},
 		// A batch's queue inserts in one round trip, with its offset update.
 		Beginner: queue.DeferringBeginner,

@@ -58,7 +58,7 @@ func TestHelp(t *testing.T) {
 func TestSubcommandHelpListsFlags(t *testing.T) {
 	common := []string{"-database-url", "$DATABASE_URL", "-log-level", "-log-format"}
 	handler := []string{"-erp-timeout", "-consumers", "-queue-poll-interval", "-lease", "-nack-delay"}
-	relay := []string{"-relay-poll-interval", "-relay-batch-size"}
+	relay := []string{"-relay-poll-interval", "-relay-batch-size", "-outbox-retention"}
 	sim := []string{"-store", "-seed", "-error-rate", "-rate-limit-rate", "-latency", "-hang-rate", "-drop-after-commit-rate", "-down-until", "-reject-customer"}
 	want := map[string][]string{
 		"dev":     concat(common, relay, handler, sim, []string{"-listen", "-erp-sim-listen", "-data-dir", "-no-seed"}),

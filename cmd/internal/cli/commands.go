@@ -108,13 +108,27 @@ func metricsOnAPI(cfg *app.HTTPConfig, reg *prometheus.Registry, addr net.Addr, 
 }
 
 type relayFlags struct {
-	poll  time.Duration
-	batch int
+	poll      time.Duration
+	batch     int
+	retention time.Duration
 }
 
 func (r *relayFlags) register(f *flags) {
 	f.duration(&r.poll, "relay-poll-interval", "DEALBRIDGE_RELAY_POLL_INTERVAL", 500*time.Millisecond, "fallback poll of the outbox (LISTEN/NOTIFY wakes the relay sooner)")
 	f.int(&r.batch, "relay-batch-size", "DEALBRIDGE_RELAY_BATCH_SIZE", 100, "outbox rows relayed per transaction")
+	f.duration(&r.retention, "outbox-retention", "DEALBRIDGE_OUTBOX_RETENTION", 7*24*time.Hour,
+		"how long relayed outbox rows are kept (the event log keeps everything; 0 keeps them forever)")
+}
+
+func (r *relayFlags) validate() error {
+	if r.retention < 0 {
+		return &usageError{msg: "--outbox-retention must not be negative (0 keeps every relayed row)"}
+	}
+	return nil
+}
+
+func (r *relayFlags) config() app.RelayConfig {
+	return app.RelayConfig{PollInterval: r.poll, BatchSize: r.batch, Retention: r.retention}
 }
 
 func runRelay(ctx context.Context, env Env, args []string) error {
@@ -128,6 +142,9 @@ func runRelay(ctx context.Context, env Env, args []string) error {
 	var mf metricsFlags
 	mf.register(f, "address of a metrics listener: GET /metrics (relay lag, queue, dead letters, ...) and GET /healthz (empty: off)")
 	if err := f.parse(args); err != nil {
+		return err
+	}
+	if err := r.validate(); err != nil {
 		return err
 	}
 	logger, err := setup(ctx, env, &c, "relay")
@@ -153,7 +170,7 @@ func runRelay(ctx context.Context, env Env, args []string) error {
 	}
 	logger.Info("relay running")
 	return app.RunWithMetrics(ctx, mln, reg, logger, func(ctx context.Context) error {
-		return app.RunRelay(ctx, pool, app.RelayConfig{PollInterval: r.poll, BatchSize: r.batch}, logger)
+		return app.RunRelay(ctx, pool, r.config(), logger)
 	})
 }
 

@@ -53,6 +53,9 @@ func runDev(ctx context.Context, env Env, args []string) error {
 	if err := f.parse(args); err != nil {
 		return err
 	}
+	if err := r.validate(); err != nil {
+		return err
+	}
 	logger, err := c.logger(env)
 	if err != nil {
 		return err
@@ -211,7 +214,7 @@ Try:
 		g.Go(func() error { return app.ServeMetrics(gctx, metricsLn, reg, logger) })
 	}
 	g.Go(func() error {
-		return app.RunRelay(gctx, pool, app.RelayConfig{PollInterval: r.poll, BatchSize: r.batch}, logger)
+		return app.RunRelay(gctx, pool, r.config(), logger)
 	})
 	g.Go(func() error { return app.RunHandlerWithPort(gctx, pool, port, hcfg, logger) })
 	err = g.Wait()
