@@ -2,6 +2,7 @@ package outbox_test
 
 import (
 	"context"
+	"errors"
 	"slices"
 	"testing"
 	"time"
@@ -76,4 +77,25 @@ func TestRelayPrunesInTheBackground(t *testing.T) {
 	startRelay(t, pool, rec, outbox.RelayConfig{PollInterval: 10 * time.Millisecond, Retention: time.Millisecond, PruneInterval: 20 * time.Millisecond})
 	waitFor(t, waitDeadline, "delivery", func() bool { return len(rec.missing(sent)) == 0 })
 	waitFor(t, waitDeadline, "an empty outbox", func() bool { return len(outboxOffsets(t, pool)) == 0 })
+}
+
+// TestPruneRefusesACursorAheadOfTheDatabase: after a restore from a dump
+// whose relay row was not reset, the cursor is ahead of every new
+// transaction id, so new, unrelayed rows sort before it. Pruning must not
+// take them for relayed rows.
+func TestPruneRefusesACursorAheadOfTheDatabase(t *testing.T) {
+	pool := newPool(t, 4)
+	ctx := t.Context()
+	sent := publishSequence(t, pool, 3)
+	if _, err := pool.Exec(ctx, `INSERT INTO watermill_offsets_outbox (consumer_group, offset_acked, last_processed_transaction_id)
+		VALUES ($1, 1, (pg_current_xact_id()::text::bigint + 1000000)::text::xid8)`, outbox.ConsumerGroup); err != nil {
+		t.Fatal(err)
+	}
+	n, err := outbox.PruneRelayed(ctx, pool, 0, 100)
+	if !errors.Is(err, outbox.ErrCursorAhead) || n != 0 {
+		t.Fatalf("pruned %d (%v), want 0 and ErrCursorAhead", n, err)
+	}
+	if left := outboxOffsets(t, pool); len(left) != len(sent) {
+		t.Fatalf("%d of %d unrelayed rows left", len(left), len(sent))
+	}
 }
