@@ -56,6 +56,9 @@ func runBench(ctx context.Context, env Env, args []string) error {
 	if f.NArg() > 0 {
 		return &usageError{msg: fmt.Sprintf("unexpected argument %q", f.Arg(0))}
 	}
+	if cfg.Rounds < 0 {
+		return &usageError{msg: "--rounds must not be negative (0: the default, 3)"}
+	}
 	var err error
 	if cfg.Rates, err = parseList(rates, "--rates", func(s string) (float64, error) { return strconv.ParseFloat(s, 64) }); err != nil {
 		return err

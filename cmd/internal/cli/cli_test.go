@@ -138,6 +138,9 @@ func TestBadCommandLine(t *testing.T) {
 		{"migrate without action", db, []string{"migrate"}, "up, down, status"},
 		{"migrate with two actions", db, []string{"migrate", "up", "down"}, "up, down, status"},
 		{"bad sim fault plan", nil, []string{"erp-sim", "--down-until", "tomorrow"}, "down-until"},
+		{"negative outbox retention", db, []string{"relay", "--outbox-retention", "-1h"}, "--outbox-retention"},
+		{"negative outbox retention in dev", db, []string{"dev", "--outbox-retention", "-1h"}, "--outbox-retention"},
+		{"negative bench rounds", nil, []string{"bench", "--rounds", "-1"}, "--rounds"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			code, _, errOut := run(t, tc.env, tc.args...)
